@@ -1,0 +1,200 @@
+"""The public entry points: `compress` (a context manager over any forward or `generate`) and `generate`."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
+
+from kvtune.attention import use_kvtune_attention
+from kvtune.cache import KVCache
+from kvtune.methods import Policy, build
+
+
+def new_cache(model: PreTrainedModel, policy: Policy | None = None) -> KVCache:
+    """An empty kvtune cache for ``model``, compressed by ``policy`` (None: append only)."""
+    use_kvtune_attention(model)
+    return KVCache(model.config.get_text_config().num_hidden_layers, policy)
+
+
+@contextmanager
+def compress(
+    model: PreTrainedModel, method: str, budget: int | None = None, ratio: float | None = None, **kwargs
+) -> Iterator[Policy]:
+    """Within this block the model's forward passes and `model.generate` compress their KV cache with ``method``.
+
+    A forward without a cache (or with an empty transformers cache) gets a `KVCache`; the ``past_key_values`` it
+    returns is that compressed cache. Every multi-token forward is a prefill and is compressed to the budget;
+    decode-time methods (h2o, streaming_llm, lighttransfer's streaming layers) also evict per generated token.
+    On exit the caches stop compressing but stay valid: further tokens fed through them attend correctly.
+    """
+    policy = build(method, budget=budget, ratio=ratio, **kwargs)
+    use_kvtune_attention(model)
+    caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
+
+    def attach(module, args, call_kwargs):
+        cache = call_kwargs.get("past_key_values")
+        if call_kwargs.get("use_cache") is False:
+            return None
+        if cache is None or (isinstance(cache, Cache) and not isinstance(cache, KVCache) and cache.get_seq_length() == 0):
+            cache = new_cache(model, policy)
+        elif isinstance(cache, KVCache) and cache.policy is None:
+            cache.policy = policy
+        caches.add(cache)
+        return args, {**call_kwargs, "past_key_values": cache}
+
+    handle = model.register_forward_pre_hook(attach, with_kwargs=True)
+    try:
+        yield policy
+    finally:
+        handle.remove()
+        for cache in caches:
+            if cache.policy is policy:
+                cache.policy = None
+
+
+def _as_list(text: str | Sequence[str], batch: int) -> list[str]:
+    return [text] * batch if isinstance(text, str) else list(text)
+
+
+def _prompt_parts(
+    tokenizer: PreTrainedTokenizerBase, context: str, question: str, answer_prefix: str, chat_template: bool
+) -> tuple[str, str]:
+    """Split the prompt into the part that may be compressed and the part appended after it."""
+    if not chat_template:
+        return context, question + answer_prefix
+    marker = "\x00KVTUNE_SPLIT\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": context + marker + question}], tokenize=False, add_generation_prompt=True
+    )
+    head, tail = text.split(marker)
+    return head, tail + answer_prefix
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past_mask: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed ``input_ids`` through ``cache`` (in chunks of ``chunk`` tokens, compressing between them).
+
+    Positions follow the cumulative mask, so padding never shifts RoPE phases. Returns the last position's logits
+    and the full 2-D mask seen so far.
+    """
+    device = model.device
+    mask = attention_mask if past_mask is None else torch.cat([past_mask, attention_mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+    step = chunk or input_ids.shape[1]
+    done = mask.shape[1] - input_ids.shape[1]
+    logits = None
+    for start in range(0, input_ids.shape[1], step):
+        end = min(start + step, input_ids.shape[1])
+        out = model(
+            input_ids=input_ids[:, start:end].to(device),
+            attention_mask=mask[:, : done + end].to(device),
+            position_ids=positions[:, start:end].to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1]
+    return logits, mask
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context: str | Sequence[str],
+    question: str | Sequence[str] = "",
+    answer_prefix: str | Sequence[str] = "",
+    method: str = "full",
+    budget: int | None = None,
+    ratio: float | None = None,
+    max_new_tokens: int = 32,
+    question_aware: bool = False,
+    chat_template: bool = False,
+    prefill_chunk: int | None = None,
+    **method_kwargs,
+) -> str | list[str]:
+    """Greedy answer(s) to ``context + question + answer_prefix`` with the KV cache compressed by ``method``.
+
+    Question-agnostic by default: the context is compressed before the question is seen, then the question and
+    answer prefix are appended intact. With ``question_aware=True`` the question is prefilled with the context and
+    its tokens form the observation window. A list of contexts is answered as one left-padded batch.
+    """
+    single = isinstance(context, str)
+    contexts = [context] if single else list(context)
+    questions, prefixes = _as_list(question, len(contexts)), _as_list(answer_prefix, len(contexts))
+    parts = [_prompt_parts(tokenizer, c, q, "", chat_template) for c, q in zip(contexts, questions)]
+    head_ids = [tokenizer(h).input_ids for h, _ in parts]
+    question_ids = [tokenizer(t, add_special_tokens=False).input_ids for _, t in parts]
+    prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prefixes]
+    if question_aware:
+        window = max(1, min(len(q) for q in question_ids))
+        method_kwargs.setdefault("window", window)
+        head_ids = [h + q for h, q in zip(head_ids, question_ids)]
+        question_ids = [[] for _ in question_ids]
+    policy = None if method == "full" and budget is None and ratio is None else build(
+        method, budget=budget, ratio=ratio, **method_kwargs
+    )
+    cache = new_cache(model, policy)
+    ids, mask = _left_pad(head_ids, tokenizer.pad_token_id)
+    logits, mask = prefill(model, cache, ids, mask, chunk=prefill_chunk)
+    cache.prefilling = False
+    tails = [q + p for q, p in zip(question_ids, prefix_ids)]
+    if any(tails):
+        # Padding inside the sequence is masked like any other, so every row ends on a real token.
+        tail_ids, tail_mask = _left_pad(tails, tokenizer.pad_token_id)
+        logits, mask = prefill(model, cache, tail_ids, tail_mask, past_mask=mask)
+    answers = _greedy(model, cache, logits, mask, max_new_tokens, tokenizer.eos_token_id)
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    return texts[0] if single else texts
+
+
+def _greedy(
+    model: PreTrainedModel,
+    cache: KVCache,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+) -> list[list[int]]:
+    """Greedy decoding through ``cache``, one token per step, each row until EOS or ``max_new_tokens``."""
+    answers: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool)
+    positions = mask.sum(dim=1, keepdim=True)
+    for step in range(max_new_tokens):
+        token = logits.argmax(dim=-1).cpu()
+        for row, value in enumerate(token.tolist()):
+            if not finished[row]:
+                answers[row].append(value)
+        finished |= token == eos_token_id
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=token[:, None].to(model.device),
+            attention_mask=mask.to(model.device),
+            position_ids=positions.to(model.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        positions = positions + 1
+        logits = out.logits[:, -1]
+    return answers

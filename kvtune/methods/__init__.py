@@ -1,0 +1,17 @@
+"""Compression methods, one small module each, looked up by name (see `available`)."""
+
+from kvtune.methods import (  # noqa: F401  (importing registers them)
+    adakv,
+    full,
+    h2o,
+    kvmerger,
+    lighttransfer,
+    pyramidkv,
+    random_eviction,
+    snapkv,
+    streaming_llm,
+)
+from kvtune.methods.base import Policy
+from kvtune.methods.registry import available, build
+
+__all__ = ["Policy", "available", "build"]

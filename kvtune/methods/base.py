@@ -1,0 +1,167 @@
+"""The policy interface every compression method implements, and the selection helpers they share.
+
+A policy sees one layer's attention call at a time (`kvtune.attention.LayerContext`) and tells the layer what to
+keep with `RaggedLayer.compact`. Positions always index the layer's dense, right-aligned view.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvtune.attention import LayerContext, allowed_mask
+from kvtune.cache import DenseView, Selection
+
+
+class Policy:
+    """Base policy: resolves the budget, compresses at prefill when a sample exceeds it, keeps decode untouched.
+
+    ``budget`` is the average number of entries kept per KV head per layer, observation window included;
+    ``ratio`` (the fraction removed, kvpress's convention) is the alternative, resolved per sample.
+    """
+
+    name = "base"
+    needs_column_scores = False
+    evicts_during_decoding = False
+
+    def __init__(self, budget: int | None = None, ratio: float | None = None, window: int = 32) -> None:
+        if budget is not None and ratio is not None:
+            raise ValueError("give either budget= or ratio=, not both")
+        if budget is None and ratio is None:
+            raise ValueError(f"method '{self.name}' needs budget= (entries per KV head per layer) or ratio=")
+        if budget is not None and budget < 1:
+            raise ValueError(f"budget must be at least 1 entry per head, got {budget}")
+        if ratio is not None and not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio is the fraction removed and must lie in [0, 1), got {ratio}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.budget, self.ratio, self.window = budget, ratio, window
+
+    # ---- budgets ----------------------------------------------------------------------------------------------------
+    def target(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Entries to keep per sample (``[B]``) given the valid entries per (b, h) ``lengths``."""
+        n = lengths.max(dim=1).values
+        if self.ratio is not None:
+            return torch.clamp(torch.round(n.float() * (1.0 - self.ratio)).long(), min=1)
+        return torch.clamp(n, max=self.budget)
+
+    def layer_target(self, ctx: LayerContext, lengths: torch.Tensor) -> torch.Tensor:
+        """Per-sample target of this layer (PyramidKV-style policies override it)."""
+        return self.target(lengths)
+
+    def window_size(self, target: torch.Tensor) -> int:
+        """Observation window, never larger than the smallest budget it must fit in."""
+        return max(1, min(self.window, int(target.min())))
+
+    # ---- hooks --------------------------------------------------------------------------------------------------
+    def on_prefill(self, ctx: LayerContext) -> None:
+        evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)))
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        """Called for every single-token step. Evicting methods keep the cache from growing past its budget."""
+        if self.evicts_during_decoding:
+            evict_to(self, ctx, self.decode_target(valid_lengths(ctx)))
+
+    def decode_target(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Size to hold while decoding: the budget, or the current size once it is larger (a question appended
+        after compression stays)."""
+        before = lengths.max(dim=1).values - 1
+        cap = before if self.budget is None else torch.full_like(before, self.budget)
+        return torch.maximum(cap, before)
+
+    def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor) -> Selection:
+        """What to keep so that sample ``b`` holds ``target[b]`` entries per head (on average, for Ada-KV)."""
+        raise NotImplementedError
+
+
+# ---- helpers shared by the methods ------------------------------------------------------------------------------
+def evict_to(policy: Policy, ctx: LayerContext, target: torch.Tensor, aux: torch.Tensor | None = None) -> None:
+    """Compact the layer to ``target[b]`` entries per head with the policy's own selection, if it holds more."""
+    lengths = valid_lengths(ctx)
+    if bool((lengths <= target[:, None]).all()):
+        if aux is not None:
+            ctx.layer.set_aux(aux)
+        return
+    ctx.layer.compact(policy.select(ctx, lengths, target), view=dense_view(ctx, aux))
+
+
+def dense_view(ctx: LayerContext, aux: torch.Tensor | None = None) -> DenseView:
+    return DenseView(ctx.keys, ctx.values, ctx.valid, ctx.aux if aux is None else aux, ctx.layer)
+
+
+def full_valid(ctx: LayerContext) -> torch.Tensor:
+    """``[B, H_kv, L]`` validity."""
+    return ctx.valid.expand(ctx.keys.shape[0], ctx.keys.shape[1], -1)
+
+
+def valid_lengths(ctx: LayerContext) -> torch.Tensor:
+    return full_valid(ctx).sum(dim=-1)
+
+
+def ranks(valid: torch.Tensor) -> torch.Tensor:
+    """Index of each entry among the valid entries of its head (oldest = 0); garbage where invalid."""
+    return valid.long().cumsum(dim=-1) - 1
+
+
+def keep_top(scores: torch.Tensor, counts: torch.Tensor) -> Selection:
+    """The ``counts[b, h]`` best positions of each head, in ascending position order.
+
+    ``scores`` is ``[B, H_kv, L]``; use +inf to force an entry in and -inf for invalid ones.
+    """
+    width = int(counts.max())
+    top = scores.topk(width, dim=-1).indices
+    beyond = torch.arange(width, device=scores.device) >= counts[..., None]
+    top = top.masked_fill(beyond, scores.shape[-1])
+    return Selection(top.sort(dim=-1).values, counts)
+
+
+def protect_recent(scores: torch.Tensor, valid: torch.Tensor, recent: torch.Tensor | int) -> torch.Tensor:
+    """+inf on the last ``recent`` valid entries of each head (``recent`` may be per sample ``[B]``)."""
+    rank = ranks(valid)
+    if isinstance(recent, torch.Tensor):
+        recent = recent[:, None, None]
+    tail = rank >= valid.sum(dim=-1, keepdim=True) - recent
+    return scores.masked_fill(tail & valid, float("inf"))
+
+
+def protect_sinks(scores: torch.Tensor, valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    return scores.masked_fill((ranks(valid) < sinks) & valid, float("inf"))
+
+
+def group_reduce(per_query_head: torch.Tensor, group: int, how: str = "mean") -> torch.Tensor:
+    """``[B, H, L]`` -> ``[B, H_kv, L]`` by averaging (or summing) each KV head's query group."""
+    grouped = per_query_head.unflatten(1, (-1, group))
+    return grouped.mean(dim=2) if how == "mean" else grouped.sum(dim=2)
+
+
+def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
+    """Softmax attention (fp32) of the last ``window`` queries over every key: ``[B, H, window, L]``."""
+    group = ctx.group_size
+    query = ctx.query[:, :, -window:].float()
+    keys = ctx.keys.float().repeat_interleave(group, dim=1)
+    logits = torch.matmul(query, keys.transpose(2, 3)) * ctx.scaling
+    allowed = allowed_mask(ctx.valid, ctx.query.shape[2])[:, :, -window:]
+    if allowed.shape[1] > 1:
+        allowed = allowed.repeat_interleave(group, dim=1)
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def snapkv_scores(ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max") -> torch.Tensor:
+    """SnapKV's score per KV head: window attention averaged over queries and the GQA group, then pooled."""
+    scores = group_reduce(window_attention(ctx, window).mean(dim=2), ctx.group_size)
+    if kernel > 1:
+        pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+        flat = scores.flatten(0, 1)[:, None]
+        scores = pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).view_as(scores)
+    return scores
+
+
+def window_then_past(scores: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
+    """Invalid entries -inf, the observation window +inf: what every SnapKV-style selection starts from."""
+    scores = scores.masked_fill(~valid, float("-inf"))
+    return protect_recent(scores, valid, window)
+
+
+def per_head_counts(target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Uniform per-head counts: every head keeps ``target[b]`` entries (or all it has)."""
+    return torch.minimum(target[:, None].expand_as(lengths), lengths)

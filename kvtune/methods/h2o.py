@@ -1,0 +1,46 @@
+"""`h2o`: Heavy-Hitter Oracle (Zhang et al.). Each entry accumulates the attention it receives from every query,
+prompt and generated; the cache keeps the heaviest entries plus a recent window, evicting at every decode step."""
+
+import torch
+
+from kvtune.attention import LayerContext
+from kvtune.methods.base import (
+    Policy,
+    evict_to,
+    full_valid,
+    group_reduce,
+    keep_top,
+    per_head_counts,
+    protect_recent,
+    valid_lengths,
+)
+from kvtune.methods.registry import register
+
+
+@register("h2o")
+class H2O(Policy):
+    needs_column_scores = True
+    evicts_during_decoding = True
+
+    def __init__(self, budget=None, ratio=None, window: int = 32, recent_ratio: float = 0.5) -> None:
+        super().__init__(budget, ratio, window)
+        if not 0.0 <= recent_ratio <= 1.0:
+            raise ValueError(f"recent_ratio must lie in [0, 1], got {recent_ratio}")
+        self.recent_ratio = recent_ratio
+
+    def accumulated(self, ctx: LayerContext) -> torch.Tensor:
+        """Attention received so far per KV head (summed over its query group), this call's queries included."""
+        received = group_reduce(ctx.column_scores, ctx.group_size, how="sum")
+        return received if ctx.aux is None else ctx.aux + received
+
+    def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
+        valid = full_valid(ctx)
+        scores = self.accumulated(ctx).masked_fill(~valid, float("-inf"))
+        recent = torch.clamp(torch.round(target.float() * self.recent_ratio).long(), min=1)
+        return keep_top(protect_recent(scores, valid, torch.minimum(recent, target)), per_head_counts(target, lengths))
+
+    def on_prefill(self, ctx: LayerContext) -> None:
+        evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)), aux=self.accumulated(ctx))
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        evict_to(self, ctx, self.decode_target(valid_lengths(ctx)), aux=self.accumulated(ctx))

@@ -1,0 +1,35 @@
+"""`pyramidkv`: SnapKV scoring with layer budgets on a decreasing arithmetic sequence (mean = the budget)."""
+
+import torch
+
+from kvtune.attention import LayerContext
+from kvtune.methods.registry import register
+from kvtune.methods.snapkv import SnapKV
+
+
+def pyramid_targets(
+    target: torch.Tensor, lengths: torch.Tensor, window: int, layer: int, num_layers: int, beta: int = 20
+) -> torch.Tensor:
+    """KVCache-Factory's per-layer capacity: layer 0 gets the most, the last layer ``(target - window) / beta``."""
+    n = lengths.max(dim=1).values
+    base = target - window
+    min_num = base // beta
+    max_num = 2 * base - min_num
+    capped = max_num >= n - window
+    max_num = torch.where(capped, n - window, max_num)
+    min_num = torch.where(capped, 2 * base - max_num, min_num)
+    steps = (max_num - min_num) // max(num_layers - 1, 1)
+    return torch.where(base > 0, max_num - layer * steps + window, target)
+
+
+@register("pyramidkv")
+class PyramidKV(SnapKV):
+    def __init__(self, budget=None, ratio=None, window: int = 32, kernel: int = 7, pooling: str = "max",
+                 beta: int = 20) -> None:
+        super().__init__(budget, ratio, window, kernel, pooling)
+        self.beta = beta
+
+    def layer_target(self, ctx: LayerContext, lengths: torch.Tensor) -> torch.Tensor:
+        target = self.target(lengths)
+        window = self.window_size(target)
+        return pyramid_targets(target, lengths, window, ctx.layer_idx, ctx.num_layers, self.beta)

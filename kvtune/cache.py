@@ -92,12 +92,11 @@ class RaggedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[2]
+        if self.kept_aux is not None:
+            self.tail_aux = torch.cat([self.tail_aux, self.tail_aux.new_zeros(*key_states.shape[:2], new)], dim=2)
         self.tail_keys = torch.cat([self.tail_keys, key_states], dim=2)
         self.tail_values = torch.cat([self.tail_values, value_states], dim=2)
         self.tail_valid = torch.cat([self.tail_valid, self.tail_valid.new_ones(key_states.shape[0], new)], dim=1)
-        if self.tail_aux is not None or self.kept_aux is not None:
-            self.ensure_aux()
-            self.tail_aux = torch.cat([self.tail_aux, self.tail_aux.new_zeros(*key_states.shape[:2], new)], dim=2)
         self.seen_tokens += new
         view = self.dense()
         # Read by kvtune.attention; to any other consumer the keys are a plain tensor. The call holds no reference
@@ -133,13 +132,6 @@ class RaggedLayer(CacheLayerMixin):
     def mark_new_valid(self, valid: torch.Tensor) -> None:
         """Record which of the tokens appended last are real (``valid`` is ``[B, new]``), e.g. not left padding."""
         self.tail_valid[:, self.tail_valid.shape[1] - valid.shape[1] :] = valid
-
-    def ensure_aux(self) -> None:
-        """Create the per-entry statistic (zeros) for methods that accumulate one, such as H2O."""
-        if self.kept_aux is None:
-            self.kept_aux = torch.zeros(self.kept_keys.shape[0], dtype=torch.float32, device=self.device)
-        if self.tail_aux is None:
-            self.tail_aux = torch.zeros(*self.tail_keys.shape[:3], dtype=torch.float32, device=self.device)
 
     def _kept_padded(self, flat: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """Scatter flat kept rows into ``[B, H, Lmax, ...]``, each head's entries right-aligned."""
@@ -192,11 +184,13 @@ class RaggedLayer(CacheLayerMixin):
         self.kept_keys, self.kept_values = take(keys), take(values)
         if view.aux is not None:
             self.kept_aux = view.aux.gather(2, gather).flatten()[rows].contiguous()
+            self.tail_aux = view.aux[:, :, :0]
+        else:
+            self.kept_aux = self.tail_aux = None
         self.kept_lengths = counts.to(torch.long).clone()
         self.tail_keys = self.tail_keys[:, :, :0]
         self.tail_values = self.tail_values[:, :, :0]
         self.tail_valid = self.tail_valid[:, :0]
-        self.tail_aux = None if self.tail_aux is None else self.tail_aux[:, :, :0]
 
     def set_aux(self, aux: torch.Tensor) -> None:
         """Write the per-entry statistic back from a dense, right-aligned ``[B, H_kv, L]`` tensor."""

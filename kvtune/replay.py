@@ -1,0 +1,76 @@
+"""Compress one recorded prefill with many methods.
+
+Prefill-time compression never changes the prefill's own outputs (each layer attends over the full context before
+its entries are dropped), so a full prefill that records each layer's queries holds everything any method needs.
+Comparing N methods then costs one prefill instead of N: this is how kvtune evaluates method grids quickly.
+Only single-shot (unchunked) prefills can be replayed; chunked prefill changes later chunks' inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import PreTrainedModel
+
+from kvtune.api import new_cache, prefill
+from kvtune.attention import LayerContext, allowed_mask, received_attention
+from kvtune.cache import KVCache
+from kvtune.methods import build
+
+
+class _QueryRecorder:
+    """A policy that compresses nothing and keeps each layer's queries."""
+
+    needs_column_scores = False
+
+    def __init__(self) -> None:
+        self.queries: dict[int, torch.Tensor] = {}
+        self.scaling = 1.0
+
+    def on_prefill(self, ctx: LayerContext) -> None:
+        self.queries[ctx.layer_idx] = ctx.query
+        self.scaling = ctx.scaling
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        return None
+
+
+class RecordedPrefill:
+    """A full prefill of ``input_ids`` and the queries of every layer, ready to be compressed by any method."""
+
+    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        recorder = _QueryRecorder()
+        self.cache = new_cache(model, recorder)
+        self.logits, self.mask = prefill(model, self.cache, input_ids, attention_mask)
+        self.cache.policy, self.cache.prefilling = None, False
+        self.queries, self.scaling = recorder.queries, recorder.scaling
+
+    def compress(self, method: str, budget: int | None = None, ratio: float | None = None, **kwargs) -> KVCache:
+        """A new cache holding what ``method`` keeps of this prefill, as if it had run during the prefill."""
+        policy = build(method, budget=budget, ratio=ratio, **kwargs)
+        cache = copy.deepcopy(self.cache)
+        cache.policy = policy
+        for layer_idx, layer in enumerate(cache.layers):
+            view = layer.dense()
+            query = self.queries[layer_idx]
+            received = None
+            if policy.needs_column_scores:
+                received = received_attention(query, view.keys, allowed_mask(view.valid, query.shape[2]), self.scaling)
+            policy.on_prefill(
+                LayerContext(
+                    layer_idx=layer_idx,
+                    num_layers=len(cache.layers),
+                    layer=layer,
+                    cache=cache,
+                    query=query,
+                    keys=view.keys,
+                    values=view.values,
+                    valid=view.valid,
+                    aux=view.aux,
+                    column_scores=received,
+                    scaling=self.scaling,
+                )
+            )
+        cache.prefilling = False  # what follows (question, scored text, decoding) is appended, not re-compressed
+        return cache

@@ -1,0 +1,36 @@
+"""Shared fixtures: the embedded SmolLM2 (loaded once per session) and tiny random Llama models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvtune
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer): the embedded model, routed through kvtune's attention by the tests that use it."""
+    return kvtune.load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def stock_embedded():
+    """A second copy that keeps transformers' own SDPA attention: the reference for exactness."""
+    model, _ = kvtune.load_model("embedded")
+    return model
+
+
+def tiny_llama(layers: int = 3, heads: int = 6, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=512, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()

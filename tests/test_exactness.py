@@ -1,0 +1,74 @@
+"""With a budget at least as long as the context, every method must reproduce transformers' DynamicCache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from texts import stdlib_text
+from transformers import DynamicCache
+
+import kvtune
+
+METHODS = [m for m in kvtune.methods.available() if "+" not in m] + ["lighttransfer+adakv_snapkv"]
+TOLERANCE = 1e-4
+
+
+def _run(model, ids, mask, cache, steps=3):
+    """Prefill then greedy decode ``steps`` tokens; returns the logits of every valid position and step."""
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = [out.logits[mask.bool()]]
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = mask.sum(1, keepdim=True) - 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
+                    use_cache=True)
+        logits.append(out.logits[:, -1])
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return logits
+
+
+def _batch(tokenizer, lengths):
+    rows = [tokenizer(stdlib_text(i)).input_ids[:n] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def references(embedded, stock_embedded):
+    _, tokenizer = embedded
+    cases = {"batch1": _batch(tokenizer, [180]), "padded3": _batch(tokenizer, [150, 97, 120])}
+    with torch.no_grad():
+        return {
+            name: (ids, mask, _run(stock_embedded, ids, mask, DynamicCache(config=stock_embedded.config)))
+            for name, (ids, mask) in cases.items()
+        }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["batch1", "padded3"])
+@pytest.mark.parametrize("method", METHODS)
+def test_uncompressed_methods_match_dynamic_cache(embedded, references, method, case):
+    model, _ = embedded
+    ids, mask, expected = references[case]
+    budget = None if method == "full" else 4096
+    with torch.no_grad(), kvtune.compress(model, method, budget=budget):
+        got = _run(model, ids, mask, cache=None)
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        diff = (a - b).abs().max().item()
+        assert diff <= TOLERANCE, f"{method} {case} step {step}: max abs diff {diff}"
+
+
+@pytest.mark.slow
+def test_kvtune_attention_matches_sdpa_on_plain_cache(embedded, references):
+    """The backend kvtune installs also computes stock attention for a transformers DynamicCache."""
+    model, _ = embedded
+    kvtune.api.use_kvtune_attention(model)
+    ids, mask, expected = references["padded3"]
+    with torch.no_grad():
+        got = _run(model, ids, mask, DynamicCache(config=model.config))
+    assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= TOLERANCE

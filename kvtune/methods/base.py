@@ -149,6 +149,7 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
 def snapkv_scores(ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max") -> torch.Tensor:
     """SnapKV's score per KV head: window attention averaged over queries and the GQA group, then pooled."""
     scores = group_reduce(window_attention(ctx, window).mean(dim=2), ctx.group_size)
+    scores[..., -window:] = 0.0  # as in SnapKV, the window's own votes do not spill into the past when pooling
     if kernel > 1:
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
         flat = scores.flatten(0, 1)[:, None]

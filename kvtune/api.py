@@ -130,13 +130,16 @@ def generate(
     question_aware: bool = False,
     chat_template: bool = False,
     prefill_chunk: int | None = None,
+    return_cache: bool = False,
     **method_kwargs,
-) -> str | list[str]:
+) -> str | list[str] | tuple[str | list[str], KVCache]:
     """Greedy answer(s) to ``context + question + answer_prefix`` with the KV cache compressed by ``method``.
 
     Question-agnostic by default: the context is compressed before the question is seen, then the question and
     answer prefix are appended intact. With ``question_aware=True`` the question is prefilled with the context and
     its tokens form the observation window. A list of contexts is answered as one left-padded batch.
+    ``prefill_chunk`` prefills the context that many tokens at a time, compressing between chunks (bounded peak
+    memory). ``return_cache=True`` also returns the cache, e.g. to read ``cache.nbytes()``.
     """
     single = isinstance(context, str)
     contexts = [context] if single else list(context)
@@ -164,7 +167,8 @@ def generate(
         logits, mask = prefill(model, cache, tail_ids, tail_mask, past_mask=mask)
     answers = _greedy(model, cache, logits, mask, max_new_tokens, tokenizer.eos_token_id)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-    return texts[0] if single else texts
+    result = texts[0] if single else texts
+    return (result, cache) if return_cache else result
 
 
 def _greedy(

@@ -1,0 +1,81 @@
+"""Real behaviour on the embedded SmolLM2: memory really shrinks, compression beats chance, passkeys are found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from texts import passkey_context, stdlib_text
+
+import kvtune
+from kvtune.replay import RecordedPrefill
+
+pytestmark = pytest.mark.slow
+SCORED = ["h2o", "snapkv", "pyramidkv", "adakv_snapkv", "adakv_pyramidkv", "kvmerger", "lighttransfer"]
+
+
+def _ids(tokenizer, text, n):
+    ids = tokenizer(text).input_ids
+    assert len(ids) >= n, "text too short"
+    return torch.tensor([ids[:n]])
+
+
+def test_cache_bytes_shrink_with_the_budget(embedded):
+    model, tokenizer = embedded
+    ids = _ids(tokenizer, stdlib_text(3), 4096)
+    mask = torch.ones_like(ids)
+    recorded = RecordedPrefill(model, ids, mask)
+    full_bytes = recorded.cache.nbytes()
+    assert full_bytes >= 30 * 2 * 3 * 4096 * 64 * 4  # the uncompressed cache really holds every entry
+    limit = 1.1 * 256 / 4096 * full_bytes
+    for method in ("snapkv", "adakv_snapkv", "h2o"):
+        replayed = recorded.compress(method, budget=256)
+        assert replayed.nbytes() <= limit, method
+    # the live path (compress while prefilling) stores exactly what the replay stores
+    with torch.no_grad(), kvtune.compress(model, "adakv_snapkv", budget=256):
+        live = model(ids, use_cache=True).past_key_values
+    assert live.nbytes() == recorded.compress("adakv_snapkv", budget=256).nbytes() <= limit
+    assert len({int(n) for lengths in live.lengths() for n in lengths.flatten()}) > 1  # ragged heads
+    chunked = kvtune.new_cache(model, kvtune.methods.build("adakv_snapkv", budget=256))
+    kvtune.prefill(model, chunked, ids, mask, chunk=1024)
+    assert chunked.nbytes() <= limit
+
+
+def _nll(model, cache, context_logits, target):
+    """Mean NLL of ``target`` (``[1, T]``) continuing the context through ``cache``."""
+    seen = cache.get_seq_length()
+    positions = torch.arange(seen, seen + target.shape[1] - 1)[None]
+    with torch.no_grad():
+        out = model(input_ids=target[:, :-1], position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = torch.cat([context_logits[:, None], out.logits], dim=1)[0]
+    return F.cross_entropy(logits.float(), target[0]).item()
+
+
+def test_perplexity_full_best_and_scored_methods_beat_random(embedded):
+    model, tokenizer = embedded
+    methods = ["full", "random", *SCORED]
+    nll = {m: [] for m in methods}
+    for index in range(5):
+        ids = _ids(tokenizer, stdlib_text(index), 3500 + 256)
+        context, target = ids[:, :3500], ids[:, 3500:]
+        recorded = RecordedPrefill(model, context, torch.ones_like(context))
+        for method in methods:
+            cache = recorded.compress(method, budget=None if method == "full" else 512)
+            nll[method].append(_nll(model, cache, recorded.logits, target))
+    mean = {m: sum(v) / len(v) for m, v in nll.items()}
+    print("mean NLL of the next 256 tokens:", {m: round(v, 4) for m, v in mean.items()})
+    for method in methods[1:]:
+        assert mean["full"] <= mean[method] + 1e-6, (method, mean)
+    for method in SCORED:
+        assert mean[method] <= mean["random"], (method, mean)
+
+
+def test_full_cache_retrieves_ten_passkeys(embedded):
+    model, tokenizer = embedded
+    keys = [int(torch.randint(10_000, 99_999, (1,), generator=torch.Generator().manual_seed(s))) for s in range(10)]
+    contexts = [passkey_context(3400, key, depth=(i + 0.5) / 10) for i, key in enumerate(keys)]
+    answers = []
+    for start in range(0, 10, 5):
+        answers += kvtune.generate(model, tokenizer, contexts[start : start + 5], question=" What is the pass key?",
+                                   answer_prefix=" The pass key is", max_new_tokens=6)
+    assert [str(k) in a for k, a in zip(keys, answers)] == [True] * 10, answers

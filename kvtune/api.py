@@ -40,7 +40,9 @@ def compress(
         cache = call_kwargs.get("past_key_values")
         if call_kwargs.get("use_cache") is False:
             return None
-        if cache is None or (isinstance(cache, Cache) and not isinstance(cache, KVCache) and cache.get_seq_length() == 0):
+        if cache is None or (
+            isinstance(cache, Cache) and not isinstance(cache, KVCache) and cache.get_seq_length() == 0
+        ):
             cache = new_cache(model, policy)
         elif isinstance(cache, KVCache) and cache.policy is None:
             cache.policy = policy
@@ -153,8 +155,10 @@ def generate(
         method_kwargs.setdefault("window", window)
         head_ids = [h + q for h, q in zip(head_ids, question_ids)]
         question_ids = [[] for _ in question_ids]
-    policy = None if method == "full" and budget is None and ratio is None else build(
-        method, budget=budget, ratio=ratio, **method_kwargs
+    policy = (
+        None
+        if method == "full" and budget is None and ratio is None
+        else build(method, budget=budget, ratio=ratio, **method_kwargs)
     )
     cache = new_cache(model, policy)
     ids, mask = _left_pad(head_ids, tokenizer.pad_token_id)

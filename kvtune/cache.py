@@ -140,7 +140,9 @@ class RaggedLayer(CacheLayerMixin):
         lengths = self.kept_lengths.flatten()
         if bool((lengths == width).all()):
             return flat.view(batch, heads, width, *flat.shape[1:])
-        starts = torch.repeat_interleave(torch.arange(batch * heads, device=flat.device) * width + width - lengths, lengths)
+        starts = torch.repeat_interleave(
+            torch.arange(batch * heads, device=flat.device) * width + width - lengths, lengths
+        )
         offsets = torch.arange(flat.shape[0], device=flat.device) - torch.repeat_interleave(
             torch.cumsum(lengths, 0) - lengths, lengths
         )

@@ -27,9 +27,18 @@ def run_generate(cfg) -> str:
     model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
     start = time.perf_counter()
     answer = kvtune.generate(
-        model, tokenizer, context, question=cfg.question, answer_prefix=cfg.answer_prefix, method=cfg.method,
-        budget=cfg.budget, ratio=cfg.ratio, max_new_tokens=cfg.max_new_tokens, question_aware=cfg.question_aware,
-        chat_template=cfg.chat_template, prefill_chunk=cfg.prefill_chunk,
+        model,
+        tokenizer,
+        context,
+        question=cfg.question,
+        answer_prefix=cfg.answer_prefix,
+        method=cfg.method,
+        budget=cfg.budget,
+        ratio=cfg.ratio,
+        max_new_tokens=cfg.max_new_tokens,
+        question_aware=cfg.question_aware,
+        chat_template=cfg.chat_template,
+        prefill_chunk=cfg.prefill_chunk,
         **OmegaConf.to_container(cfg.method_kwargs),
     )
     console = Console()

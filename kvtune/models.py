@@ -71,9 +71,7 @@ def load_model(
         dtype = getattr(torch, dtype)
     source = _embedded_snapshot() if name_or_path == EMBEDDED else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

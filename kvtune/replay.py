@@ -45,6 +45,16 @@ class RecordedPrefill:
         self.logits, self.mask = prefill(model, self.cache, input_ids, attention_mask)
         self.cache.policy, self.cache.prefilling = None, False
         self.queries, self.scaling = recorder.queries, recorder.scaling
+        self._received: dict[int, torch.Tensor] = {}
+
+    def received(self, layer_idx: int) -> torch.Tensor:
+        """Attention each entry of a layer received from all prompt queries (computed once, shared by methods)."""
+        if layer_idx not in self._received:
+            view = self.cache.layers[layer_idx].dense()
+            query = self.queries[layer_idx]
+            allowed = allowed_mask(view.valid, query.shape[2])
+            self._received[layer_idx] = received_attention(query, view.keys, allowed, self.scaling)
+        return self._received[layer_idx]
 
     def compress(self, method: str, budget: int | None = None, ratio: float | None = None, **kwargs) -> KVCache:
         """A new cache holding what ``method`` keeps of this prefill, as if it had run during the prefill."""
@@ -54,9 +64,7 @@ class RecordedPrefill:
         for layer_idx, layer in enumerate(cache.layers):
             view = layer.dense()
             query = self.queries[layer_idx]
-            received = None
-            if policy.needs_column_scores:
-                received = received_attention(query, view.keys, allowed_mask(view.valid, query.shape[2]), self.scaling)
+            received = self.received(layer_idx) if policy.needs_column_scores else None
             policy.on_prefill(
                 LayerContext(
                     layer_idx=layer_idx,

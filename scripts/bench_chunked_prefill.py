@@ -29,7 +29,10 @@ def measure(tokens: int, method: str, budget: int | None, chunk: int | None) -> 
     start = time.perf_counter()
     prefill(model, cache, ids, torch.ones_like(ids), chunk=chunk)
     return {
-        "method": method, "budget": budget, "chunk": chunk, "tokens": tokens,
+        "method": method,
+        "budget": budget,
+        "chunk": chunk,
+        "tokens": tokens,
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_prefill_mib": round(baseline / 1024, 1),
@@ -48,18 +51,28 @@ def main() -> None:
         method, budget, chunk = json.loads(args.one)
         print(json.dumps(measure(args.tokens, method, budget, chunk)))
         return
-    runs = [("full", None, None), (args.method, args.budget, None), (args.method, args.budget, 1024),
-            (args.method, args.budget, 512)]
+    runs = [
+        ("full", None, None),
+        (args.method, args.budget, None),
+        (args.method, args.budget, 1024),
+        (args.method, args.budget, 512),
+    ]
     rows = []
     for run in runs:
-        out = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--one", json.dumps(run)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--tokens", str(args.tokens), "--one", json.dumps(run)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print("| method | budget | prefill_chunk | seconds | peak RSS (MiB) | RSS before prefill (MiB) | KV cache (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['budget']} | {r['chunk']} | {r['seconds']} | {r['peak_rss_mib']} | "
-              f"{r['rss_before_prefill_mib']} | {r['kv_mib']} |")
+        print(
+            f"| {r['method']} | {r['budget']} | {r['chunk']} | {r['seconds']} | {r['peak_rss_mib']} | "
+            f"{r['rss_before_prefill_mib']} | {r['kv_mib']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,20 +26,36 @@ def main() -> None:
     model, tokenizer = kvtune.load_model("embedded")
     context = passkey_context(3400, KEY, depth=0.4)
     question, prefix = " What is the pass key?", " The pass key is"
-    table = Table(title=f"Passkey {KEY} in {len(tokenizer(context).input_ids)} tokens, budget {BUDGET} (question-aware)")
+    table = Table(
+        title=f"Passkey {KEY} in {len(tokenizer(context).input_ids)} tokens, budget {BUDGET} (question-aware)"
+    )
     for column in ("method", "answer", "KV cache", "vs full", "seconds"):
         table.add_column(column)
     full_bytes = None
     for method in METHODS:
         budget = None if method == "full" else BUDGET
         start = time.perf_counter()
-        answer, cache = kvtune.generate(model, tokenizer, context, question=question, answer_prefix=prefix,
-                                        method=method, budget=budget, question_aware=True, max_new_tokens=6,
-                                        return_cache=True)
+        answer, cache = kvtune.generate(
+            model,
+            tokenizer,
+            context,
+            question=question,
+            answer_prefix=prefix,
+            method=method,
+            budget=budget,
+            question_aware=True,
+            max_new_tokens=6,
+            return_cache=True,
+        )
         full_bytes = full_bytes or cache.nbytes()
         ok = "[green]" if str(KEY) in answer else "[red]"
-        table.add_row(method, ok + answer.strip(), f"{cache.nbytes() / 2**20:.1f} MiB",
-                      f"{cache.nbytes() / full_bytes:.3f}", f"{time.perf_counter() - start:.0f}")
+        table.add_row(
+            method,
+            ok + answer.strip(),
+            f"{cache.nbytes() / 2**20:.1f} MiB",
+            f"{cache.nbytes() / full_bytes:.3f}",
+            f"{time.perf_counter() - start:.0f}",
+        )
     Console().print(table)
 
 

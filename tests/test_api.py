@@ -31,8 +31,19 @@ def test_unsupported_architecture_is_named():
 
 def test_available_lists_every_method_and_compositions():
     names = kvtune.methods.available()
-    for name in ["full", "random", "streaming_llm", "h2o", "snapkv", "pyramidkv", "adakv_snapkv",
-                 "adakv_pyramidkv", "kvmerger", "lighttransfer", "lighttransfer+adakv_snapkv"]:
+    for name in [
+        "full",
+        "random",
+        "streaming_llm",
+        "h2o",
+        "snapkv",
+        "pyramidkv",
+        "adakv_snapkv",
+        "adakv_pyramidkv",
+        "kvmerger",
+        "lighttransfer",
+        "lighttransfer+adakv_snapkv",
+    ]:
         assert name in names
 
 
@@ -87,8 +98,14 @@ def test_decode_time_methods_hold_their_budget_in_generate():
     ids = torch.randint(0, 97, (2, 60))
     for method in ("h2o", "streaming_llm"):
         with torch.no_grad(), kvtune.compress(model, method, budget=32):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                                 return_dict_in_generate=True, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=10,
+                do_sample=False,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
         assert all(int(n.max()) == 32 for n in out.past_key_values.lengths()), method
 
 

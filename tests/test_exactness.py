@@ -22,8 +22,13 @@ def _run(model, ids, mask, cache, steps=3):
     for _ in range(steps):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = mask.sum(1, keepdim=True) - 1
-        out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
         logits.append(out.logits[:, -1])
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return logits

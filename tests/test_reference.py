@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvtune.attention import LayerContext, received_attention, allowed_mask
+from kvtune.attention import LayerContext, allowed_mask, received_attention
 from kvtune.cache import KVCache
 from kvtune.methods import build
 from kvtune.methods.pyramidkv import pyramid_targets
@@ -143,9 +143,11 @@ def test_h2o_prefill_and_decode(budget=30):
     for (b, h), kept in _kept(ctx).items():
         heavy = sorted(range(N - recent), key=lambda i: -float(received[b, h, i]))[: budget - recent]
         assert kept == sorted(heavy) + list(range(N - recent, N))
-    assert torch.allclose(ctx.layer.kept_aux.view(B, HKV, budget),
-                          torch.stack([torch.stack([received[b, h, _kept(ctx)[b, h]] for h in range(HKV)])
-                                       for b in range(B)]).float(), atol=1e-5)
+    assert torch.allclose(
+        ctx.layer.kept_aux.view(B, HKV, budget),
+        torch.stack([torch.stack([received[b, h, _kept(ctx)[b, h]] for h in range(HKV)]) for b in range(B)]).float(),
+        atol=1e-5,
+    )
     # one decode step: the cache stays at its budget, evicting the lowest accumulated non-recent entry
     layer = ctx.layer
     step_k, step_v = torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D)
@@ -194,8 +196,9 @@ def test_kvmerger_merged_values(budget=40, threshold=0.75, sigma=5.0):
                 pivot = max(s, key=lambda i: (float(a[i]), -i))
                 g = torch.tensor([math.exp(-float(((k[pivot] - k[i]) ** 2).sum()) / (2 * sigma**2)) for i in s])
                 w = g / g.sum()
-                merged.append((pivot, float(a[pivot]), pivot in protected, (w[:, None] * k[s]).sum(0),
-                               (w[:, None] * v[s]).sum(0)))
+                merged.append(
+                    (pivot, float(a[pivot]), pivot in protected, (w[:, None] * k[s]).sum(0), (w[:, None] * v[s]).sum(0))
+                )
             if len(merged) > budget:
                 order = sorted(merged, key=lambda m: (m[2], m[1]), reverse=True)[:budget]
                 merged = sorted(order, key=lambda m: m[0])

@@ -57,7 +57,9 @@ def merge_head(
     distance = (keys.float() - keys[pivot[set_id]].float()).pow(2).sum(dim=-1)
     kernel = torch.exp(-distance / (2.0 * sigma**2))
     weight = kernel / torch.zeros(sets, device=keys.device).index_add(0, set_id, kernel)[set_id]
-    merged_keys = torch.zeros(sets, keys.shape[1], device=keys.device).index_add(0, set_id, weight[:, None] * keys.float())
+    merged_keys = torch.zeros(sets, keys.shape[1], device=keys.device).index_add(
+        0, set_id, weight[:, None] * keys.float()
+    )
     merged_values = torch.zeros(sets, values.shape[1], device=keys.device).index_add(
         0, set_id, weight[:, None] * values.float()
     )
@@ -72,8 +74,15 @@ def merge_head(
 class KVMerger(Policy):
     needs_column_scores = True
 
-    def __init__(self, budget=None, ratio=None, window: int = 32, threshold: float = 0.75, sigma: float = 5.0,
-                 heavy_ratio: float = 0.1) -> None:
+    def __init__(
+        self,
+        budget=None,
+        ratio=None,
+        window: int = 32,
+        threshold: float = 0.75,
+        sigma: float = 5.0,
+        heavy_ratio: float = 0.1,
+    ) -> None:
         super().__init__(budget, ratio, window)
         self.threshold, self.sigma, self.heavy_ratio = threshold, sigma, heavy_ratio
 
@@ -92,8 +101,13 @@ class KVMerger(Policy):
                     indices[b, h, : positions.numel()] = positions
                     continue
                 kept, merged_k, merged_v = merge_head(
-                    ctx.keys[b, h, positions], ctx.values[b, h, positions], attention[b, h, positions], budget,
-                    recent=self.window, heavy=int(self.heavy_ratio * budget), threshold=self.threshold,
+                    ctx.keys[b, h, positions],
+                    ctx.values[b, h, positions],
+                    attention[b, h, positions],
+                    budget,
+                    recent=self.window,
+                    heavy=int(self.heavy_ratio * budget),
+                    threshold=self.threshold,
                     sigma=self.sigma,
                 )
                 indices[b, h, :budget] = positions[kept]

@@ -27,8 +27,17 @@ class LightTransfer(Policy):
     composes = True
     evicts_during_decoding = True
 
-    def __init__(self, budget=None, ratio=None, window: int = 32, lazy_fraction: float = 0.5, sinks: int = 4,
-                 last_queries: int = 32, inner: str | None = None, **inner_kwargs) -> None:
+    def __init__(
+        self,
+        budget=None,
+        ratio=None,
+        window: int = 32,
+        lazy_fraction: float = 0.5,
+        sinks: int = 4,
+        last_queries: int = 32,
+        inner: str | None = None,
+        **inner_kwargs,
+    ) -> None:
         super().__init__(budget, ratio, window)
         if not 0.0 <= lazy_fraction <= 1.0:
             raise ValueError(f"lazy_fraction must lie in [0, 1], got {lazy_fraction}")

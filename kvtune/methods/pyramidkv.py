@@ -24,8 +24,9 @@ def pyramid_targets(
 
 @register("pyramidkv")
 class PyramidKV(SnapKV):
-    def __init__(self, budget=None, ratio=None, window: int = 32, kernel: int = 7, pooling: str = "max",
-                 beta: int = 20) -> None:
+    def __init__(
+        self, budget=None, ratio=None, window: int = 32, kernel: int = 7, pooling: str = "max", beta: int = 20
+    ) -> None:
         super().__init__(budget, ratio, window, kernel, pooling)
         self.beta = beta
 

@@ -49,7 +49,7 @@ def _pass_through_mask(attention_mask: torch.Tensor | None = None, **_) -> torch
 
 
 def allowed_mask(valid: torch.Tensor, query_length: int) -> torch.Tensor:
-    """``[B, Hm, q, L]`` bool: a query sees valid keys up to its own position (its own key always, so no row is empty)."""
+    """``[B, Hm, q, L]`` bool: a query sees valid keys up to its own position, and always its own key (no empty row)."""
     length = valid.shape[-1]
     rows = torch.arange(query_length, device=valid.device)[:, None] + (length - query_length)
     cols = torch.arange(length, device=valid.device)[None, :]

@@ -88,7 +88,7 @@ class RaggedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append the new tokens (valid until `mark_new_valid` says otherwise) and return the dense view to attend to."""
+        """Append the new tokens (valid until `mark_new_valid` says otherwise); return the dense view to attend to."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[2]

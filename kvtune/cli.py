@@ -12,7 +12,6 @@ from omegaconf import OmegaConf
 import kvtune.config  # noqa: F401  (registers the structured configs)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-SUBCOMMANDS = ("generate",)
 
 
 def run_generate(cfg) -> str:
@@ -48,14 +47,13 @@ def run_generate(cfg) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
-        print(f"usage: kvtune {{{','.join(SUBCOMMANDS)}}} key=value ...", file=sys.stderr)
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: kvtune {{{','.join(COMMANDS)}}} key=value ...", file=sys.stderr)
         raise SystemExit(2)
     command = sys.argv[1]
-    # Hydra parses sys.argv; the subcommand stays in the environment rather than being stripped from argv only.
+    # Hydra parses sys.argv: the subcommand moves into argv[0] (kept for relaunches) and out of the overrides.
     sys.argv = [f"{sys.argv[0]} {command}", *sys.argv[2:]]
-    hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(_dispatch(command))()
+    hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(COMMANDS[command])()
 
 
-def _dispatch(command: str):
-    return {"generate": run_generate}[command]
+COMMANDS = {"generate": run_generate}

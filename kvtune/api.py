@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -77,7 +78,60 @@ def _prompt_parts(
     return head, tail + answer_prefix
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class PromptTokens:
+    """Prompts split into the part prefilled (and compressed) and the part appended after compression.
+
+    ``window`` is the observation window a question-aware prompt asks for (its shortest question), else None.
+    """
+
+    heads: list[list[int]]
+    tails: list[list[int]]
+    window: int | None
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[str],
+    question: str | Sequence[str] = "",
+    answer_prefix: str | Sequence[str] = "",
+    question_aware: bool = False,
+    chat_template: bool = False,
+) -> PromptTokens:
+    """Tokenise ``context + question + answer_prefix`` prompts as `generate` lays them out.
+
+    Question-agnostic: the context is the head, question and prefix the tail. Question-aware: the question joins
+    the head (its tokens are the observation window) and only the answer prefix is appended.
+    """
+    questions, prefixes = _as_list(question, len(contexts)), _as_list(answer_prefix, len(contexts))
+    parts = [_prompt_parts(tokenizer, c, q, "", chat_template) for c, q in zip(contexts, questions)]
+    heads = [tokenizer(h).input_ids for h, _ in parts]
+    question_ids = [tokenizer(t, add_special_tokens=False).input_ids for _, t in parts]
+    prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prefixes]
+    if not question_aware:
+        return PromptTokens(heads, [q + p for q, p in zip(question_ids, prefix_ids)], None)
+    window = max(1, min(len(q) for q in question_ids))
+    return PromptTokens([h + q for h, q in zip(heads, question_ids)], prefix_ids, window)
+
+
+def append_tails(
+    model: PreTrainedModel,
+    cache: KVCache,
+    tails: list[list[int]],
+    mask: torch.Tensor,
+    logits: torch.Tensor,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed the uncompressed tails after the prefill; returns the last logits and the extended mask."""
+    if not any(tails):
+        return logits, mask
+    # Padding inside the sequence is masked like any other, so every row ends on a real token.
+    tail_ids, tail_mask = left_pad(tails, pad_id)
+    return prefill(model, cache, tail_ids, tail_mask, past_mask=mask)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch and its attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -145,37 +199,26 @@ def generate(
     """
     single = isinstance(context, str)
     contexts = [context] if single else list(context)
-    questions, prefixes = _as_list(question, len(contexts)), _as_list(answer_prefix, len(contexts))
-    parts = [_prompt_parts(tokenizer, c, q, "", chat_template) for c, q in zip(contexts, questions)]
-    head_ids = [tokenizer(h).input_ids for h, _ in parts]
-    question_ids = [tokenizer(t, add_special_tokens=False).input_ids for _, t in parts]
-    prefix_ids = [tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prefixes]
-    if question_aware:
-        window = max(1, min(len(q) for q in question_ids))
-        method_kwargs.setdefault("window", window)
-        head_ids = [h + q for h, q in zip(head_ids, question_ids)]
-        question_ids = [[] for _ in question_ids]
+    prompt = tokenize_prompts(tokenizer, contexts, question, answer_prefix, question_aware, chat_template)
+    if prompt.window is not None:
+        method_kwargs.setdefault("window", prompt.window)
     policy = (
         None
         if method == "full" and budget is None and ratio is None
         else build(method, budget=budget, ratio=ratio, **method_kwargs)
     )
     cache = new_cache(model, policy)
-    ids, mask = _left_pad(head_ids, tokenizer.pad_token_id)
+    ids, mask = left_pad(prompt.heads, tokenizer.pad_token_id)
     logits, mask = prefill(model, cache, ids, mask, chunk=prefill_chunk)
     cache.prefilling = False
-    tails = [q + p for q, p in zip(question_ids, prefix_ids)]
-    if any(tails):
-        # Padding inside the sequence is masked like any other, so every row ends on a real token.
-        tail_ids, tail_mask = _left_pad(tails, tokenizer.pad_token_id)
-        logits, mask = prefill(model, cache, tail_ids, tail_mask, past_mask=mask)
-    answers = _greedy(model, cache, logits, mask, max_new_tokens, tokenizer.eos_token_id)
+    logits, mask = append_tails(model, cache, prompt.tails, mask, logits, tokenizer.pad_token_id)
+    answers = greedy(model, cache, logits, mask, max_new_tokens, tokenizer.eos_token_id)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     result = texts[0] if single else texts
     return (result, cache) if return_cache else result
 
 
-def _greedy(
+def greedy(
     model: PreTrainedModel,
     cache: KVCache,
     logits: torch.Tensor,

@@ -55,6 +55,16 @@ def _embedded_snapshot() -> Path:
     return snapshot
 
 
+def load_tokenizer(name_or_path: str = EMBEDDED) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (left padding, pad = EOS where missing): what task generators need to count tokens."""
+    source = _embedded_snapshot() if name_or_path == EMBEDDED else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load_model(
     name_or_path: str = EMBEDDED,
     dtype: torch.dtype | str = torch.float32,
@@ -70,9 +80,6 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     source = _embedded_snapshot() if name_or_path == EMBEDDED else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(str(source))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer

@@ -4,6 +4,9 @@ Prefill-time compression never changes the prefill's own outputs (each layer att
 its entries are dropped), so a full prefill that records each layer's queries holds everything any method needs.
 Comparing N methods then costs one prefill instead of N: this is how kvtune evaluates method grids quickly.
 Only single-shot (unchunked) prefills can be replayed; chunked prefill changes later chunks' inputs.
+
+Queries are only read through the observation window, so a recording may keep just the last ``keep_queries`` of
+them (with the attention every entry received precomputed): a 4K-token recording then costs its cache, not 2.5x.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ from kvtune.methods import build
 
 
 class _QueryRecorder:
-    """A policy that compresses nothing and keeps each layer's queries."""
+    """A policy that compresses nothing and keeps each layer's (last ``keep``) queries."""
 
-    needs_column_scores = False
-
-    def __init__(self) -> None:
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+        self.needs_column_scores = keep is not None  # a truncated recording must keep what all queries gave
         self.queries: dict[int, torch.Tensor] = {}
+        self.received: dict[int, torch.Tensor] = {}
         self.scaling = 1.0
 
     def on_prefill(self, ctx: LayerContext) -> None:
-        self.queries[ctx.layer_idx] = ctx.query
+        self.queries[ctx.layer_idx] = ctx.query if self.keep is None else ctx.query[:, :, -self.keep :].clone()
+        if ctx.column_scores is not None:
+            self.received[ctx.layer_idx] = ctx.column_scores
         self.scaling = ctx.scaling
 
     def on_decode(self, ctx: LayerContext) -> None:
@@ -37,15 +43,25 @@ class _QueryRecorder:
 
 
 class RecordedPrefill:
-    """A full prefill of ``input_ids`` and the queries of every layer, ready to be compressed by any method."""
+    """A full prefill of ``input_ids`` and the queries of every layer, ready to be compressed by any method.
 
-    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        recorder = _QueryRecorder()
+    ``keep_queries`` keeps only the last queries of each layer (methods whose observation window is longer are
+    refused); ``None`` keeps them all.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        keep_queries: int | None = None,
+    ) -> None:
+        recorder = _QueryRecorder(keep_queries)
         self.cache = new_cache(model, recorder)
         self.logits, self.mask = prefill(model, self.cache, input_ids, attention_mask)
         self.cache.policy, self.cache.prefilling = None, False
-        self.queries, self.scaling = recorder.queries, recorder.scaling
-        self._received: dict[int, torch.Tensor] = {}
+        self.queries, self.scaling, self.keep_queries = recorder.queries, recorder.scaling, keep_queries
+        self._received: dict[int, torch.Tensor] = recorder.received
 
     def received(self, layer_idx: int) -> torch.Tensor:
         """Attention each entry of a layer received from all prompt queries (computed once, shared by methods)."""
@@ -59,6 +75,10 @@ class RecordedPrefill:
     def compress(self, method: str, budget: int | None = None, ratio: float | None = None, **kwargs) -> KVCache:
         """A new cache holding what ``method`` keeps of this prefill, as if it had run during the prefill."""
         policy = build(method, budget=budget, ratio=ratio, **kwargs)
+        if self.keep_queries is not None and policy.queries_needed() > self.keep_queries:
+            raise ValueError(
+                f"{method} reads the last {policy.queries_needed()} queries but only {self.keep_queries} were recorded"
+            )
         cache = copy.deepcopy(self.cache)
         cache.policy = policy
         for layer_idx, layer in enumerate(cache.layers):

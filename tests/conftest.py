@@ -21,6 +21,12 @@ def embedded():
 
 
 @pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (task generators count lengths in its tokens)."""
+    return kvtune.models.load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="session")
 def stock_embedded():
     """A second copy that keeps transformers' own SDPA attention: the reference for exactness."""
     model, _ = kvtune.load_model("embedded")

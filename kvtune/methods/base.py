@@ -53,6 +53,10 @@ class Policy:
         """Observation window, never larger than the smallest budget it must fit in."""
         return max(1, min(self.window, int(target.min())))
 
+    def queries_needed(self) -> int:
+        """How many of the last prompt queries the policy reads (what a truncated recording must keep)."""
+        return self.window
+
     # ---- hooks --------------------------------------------------------------------------------------------------
     def on_prefill(self, ctx: LayerContext) -> None:
         evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)))

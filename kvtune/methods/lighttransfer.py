@@ -46,6 +46,10 @@ class LightTransfer(Policy):
         self.inner = build(inner, budget=budget, ratio=ratio, window=window, **inner_kwargs) if inner else None
         self.needs_column_scores = bool(self.inner and self.inner.needs_column_scores)
 
+    def queries_needed(self) -> int:
+        inner = self.inner.queries_needed() if self.inner is not None else 0
+        return max(self.window, self.last_queries, inner)
+
     def lazy_ratio(self, ctx: LayerContext, target: torch.Tensor) -> float:
         """Mean attention mass of the last queries on the entries a streaming layer would keep."""
         valid = full_valid(ctx)

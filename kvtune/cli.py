@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,14 +47,69 @@ def run_generate(cfg) -> str:
     return answer
 
 
+def run_eval(cfg) -> dict:
+    """One sweep point; under ``-m`` every job appends to the sweep directory's results.jsonl and report."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from kvtune.eval.job import run_eval_job
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = hydra_cfg.runtime.output_dir
+    default = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else job_dir
+    row = run_eval_job(cfg, cfg.results_dir or default, job_dir)
+    print(json.dumps(row))
+    return row
+
+
+def run_report(argv: list[str]) -> None:
+    """`kvtune report DIR`: rebuild results.md and results.png from DIR/results.jsonl."""
+    from kvtune.eval.report import build_report
+
+    if len(argv) != 1:
+        raise SystemExit("usage: kvtune report RESULTS_DIR")
+    table, image = build_report(argv[0])
+    print(table.read_text())
+    print(f"wrote {table} and {image}")
+
+
+def run_bench(cfg) -> list[dict]:
+    """Measure every (method, budget, context length, batch size) and print the table against `full`."""
+    import kvtune
+    from kvtune.bench import bench, markdown_table
+
+    model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
+    rows = bench(
+        model,
+        tokenizer,
+        list(cfg.methods),
+        list(cfg.budgets),
+        list(cfg.context_lengths),
+        list(cfg.batch_sizes),
+        cfg.decode_tokens,
+    )
+    Path(cfg.output).write_text(json.dumps(rows, indent=2))
+    print(markdown_table(rows))
+    print(f"wrote {cfg.output}")
+    return rows
+
+
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: kvtune {{{','.join(COMMANDS)}}} key=value ...", file=sys.stderr)
+    if len(sys.argv) < 2 or sys.argv[1] not in {**COMMANDS, **PLAIN_COMMANDS}:
+        print(f"usage: kvtune {{{','.join([*COMMANDS, *PLAIN_COMMANDS])}}} key=value ...", file=sys.stderr)
         raise SystemExit(2)
     command = sys.argv[1]
+    if command in PLAIN_COMMANDS:
+        PLAIN_COMMANDS[command](sys.argv[2:])
+        return
     # Hydra parses sys.argv: the subcommand moves into argv[0] (kept for relaunches) and out of the overrides.
     sys.argv = [f"{sys.argv[0]} {command}", *sys.argv[2:]]
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(COMMANDS[command])()
 
 
-COMMANDS = {"generate": run_generate}
+COMMANDS = {"generate": run_generate, "eval": run_eval, "bench": run_bench}  # Hydra-composed
+PLAIN_COMMANDS = {"report": run_report}  # positional arguments
+
+
+if __name__ == "__main__":
+    main()

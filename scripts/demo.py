@@ -6,17 +6,13 @@ answer, the bytes the cache really holds against the full cache, and the wall ti
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 import kvtune
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from texts import passkey_context  # noqa: E402
+from kvtune.eval.tasks.passkey import PREFIX, QUESTION, passkey_context
 
 METHODS = ["full", "streaming_llm", "h2o", "snapkv", "adakv_snapkv", "lighttransfer+adakv_snapkv"]
 BUDGET, KEY = 256, 70521
@@ -24,8 +20,8 @@ BUDGET, KEY = 256, 70521
 
 def main() -> None:
     model, tokenizer = kvtune.load_model("embedded")
-    context = passkey_context(3400, KEY, depth=0.4)
-    question, prefix = " What is the pass key?", " The pass key is"
+    context, _ = passkey_context(repeats=155, key=KEY, depth=0.4)
+    question, prefix = QUESTION, PREFIX
     table = Table(
         title=f"Passkey {KEY} in {len(tokenizer(context).input_ids)} tokens, budget {BUDGET} (question-aware)"
     )

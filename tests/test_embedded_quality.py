@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from texts import passkey_context, stdlib_text
 
 import kvtune
+from kvtune.eval.corpus import stdlib_text
+from kvtune.eval.tasks import build_task
 from kvtune.replay import RecordedPrefill
 
 pytestmark = pytest.mark.slow
@@ -72,16 +73,17 @@ def test_perplexity_full_best_and_scored_methods_beat_random(embedded):
 
 def test_full_cache_retrieves_ten_passkeys(embedded):
     model, tokenizer = embedded
-    keys = [int(torch.randint(10_000, 99_999, (1,), generator=torch.Generator().manual_seed(s))) for s in range(10)]
-    contexts = [passkey_context(3400, key, depth=(i + 0.5) / 10) for i, key in enumerate(keys)]
+    task = build_task("passkey")
+    samples = task.samples(tokenizer, 3500, 10, seed=0)  # keys at depths 5%, 15%, ..., 95%
     answers = []
     for start in range(0, 10, 5):
+        batch = samples[start : start + 5]
         answers += kvtune.generate(
             model,
             tokenizer,
-            contexts[start : start + 5],
-            question=" What is the pass key?",
-            answer_prefix=" The pass key is",
+            [s.context for s in batch],
+            question=batch[0].question,
+            answer_prefix=batch[0].answer_prefix,
             max_new_tokens=6,
         )
-    assert [str(k) in a for k, a in zip(keys, answers)] == [True] * 10, answers
+    assert [task.score(a, s) for a, s in zip(answers, samples)] == [1.0] * 10, answers

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from texts import stdlib_text
 from transformers import DynamicCache
 
 import kvtune
+from kvtune.eval.corpus import stdlib_text
 
 METHODS = [m for m in kvtune.methods.available() if "+" not in m] + ["lighttransfer+adakv_snapkv"]
 TOLERANCE = 1e-4

@@ -1,0 +1,1 @@
+"""Long-context evaluation: deterministic tasks, scored through compressed caches, as tables and plots."""

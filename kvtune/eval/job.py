@@ -1,0 +1,80 @@
+"""One `kvtune eval` job: evaluate a sweep point, append its row to the sweep's results, refresh the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kvtune.eval.report import RESULTS, build_report
+from kvtune.eval.runner import evaluate
+from kvtune.eval.tasks import build_task
+from kvtune.models import load_model
+
+_loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _model(name: str, dtype: str):
+    """Jobs of a multirun share the process (Hydra's basic launcher): load the model once."""
+    key = (name, dtype)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = load_model(name, dtype=dtype)
+    return _loaded[key]
+
+
+def _task(options: dict[str, Any]):
+    options = dict(options)
+    name = options.pop("name")
+    try:
+        return build_task(name, **options)
+    except TypeError as error:  # an unknown option: say which task rejected what
+        raise ValueError(f"task {name!r} rejected its options {sorted(options)}: {error}") from error
+
+
+def run_eval_job(cfg: DictConfig, results_dir: str | Path, job_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate ``cfg`` (an `EvalConfig`), append the row to ``results_dir/results.jsonl`` and rebuild the report.
+
+    Per-sample answers go to ``job_dir/samples.jsonl`` (default: ``results_dir``).
+    """
+    results_dir = Path(results_dir)
+    job_dir = Path(job_dir) if job_dir is not None else results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    options = OmegaConf.to_container(cfg.task, resolve=True)
+    task = _task(options)
+    model, tokenizer = _model(cfg.model, cfg.dtype)
+    row = evaluate(
+        model,
+        tokenizer,
+        task,
+        cfg.method,
+        budget=cfg.budget,
+        ratio=cfg.ratio,
+        context_length=cfg.context_length,
+        samples=cfg.samples,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        question_aware=cfg.question_aware,
+        max_new_tokens=cfg.max_new_tokens,
+        method_kwargs=OmegaConf.to_container(cfg.method_kwargs, resolve=True),
+        task_key=tuple(sorted((k, str(v)) for k, v in options.items())),
+    )
+    per_sample = row.pop("per_sample")
+    row["model"] = cfg.model
+    row["task_options"] = options
+    with open(job_dir / "samples.jsonl", "w") as handle:
+        for item in per_sample:
+            handle.write(json.dumps(item) + "\n")
+    with open(results_dir / RESULTS, "a") as handle:  # one short append per job: safe for parallel launchers
+        handle.write(json.dumps(row) + "\n")
+    build_report(results_dir)
+    if cfg.logger is not None:
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        logger.finalize("success")
+    return row

@@ -187,6 +187,7 @@ def generate(
     chat_template: bool = False,
     prefill_chunk: int | None = None,
     return_cache: bool = False,
+    adapter: str | None = None,
     **method_kwargs,
 ) -> str | list[str] | tuple[str | list[str], KVCache]:
     """Greedy answer(s) to ``context + question + answer_prefix`` with the KV cache compressed by ``method``.
@@ -195,8 +196,13 @@ def generate(
     answer prefix are appended intact. With ``question_aware=True`` the question is prefilled with the context and
     its tokens form the observation window. A list of contexts is answered as one left-padded batch.
     ``prefill_chunk`` prefills the context that many tokens at a time, compressing between chunks (bounded peak
-    memory). ``return_cache=True`` also returns the cache, e.g. to read ``cache.nbytes()``.
+    memory); methods that compress chunk by chunk (``lococo``) default to their own chunk. ``adapter`` applies a
+    saved adapter first (`kvtune.load_adapter`). ``return_cache=True`` also returns the cache (``cache.nbytes()``).
     """
+    if adapter is not None:
+        from kvtune.adapters import load_adapter
+
+        model = load_adapter(model, adapter)
     single = isinstance(context, str)
     contexts = [context] if single else list(context)
     prompt = tokenize_prompts(tokenizer, contexts, question, answer_prefix, question_aware, chat_template)
@@ -208,6 +214,7 @@ def generate(
         else build(method, budget=budget, ratio=ratio, **method_kwargs)
     )
     cache = new_cache(model, policy)
+    prefill_chunk = prefill_chunk or getattr(policy, "prefill_chunk", None)
     ids, mask = left_pad(prompt.heads, tokenizer.pad_token_id)
     logits, mask = prefill(model, cache, ids, mask, chunk=prefill_chunk)
     cache.prefilling = False

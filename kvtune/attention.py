@@ -37,6 +37,7 @@ class LayerContext:
     aux: torch.Tensor | None  # [B, H_kv, L] per-entry statistic, when the layer keeps one
     column_scores: torch.Tensor | None  # [B, H, L] attention received, summed over this call's queries
     scaling: float
+    adapter: torch.nn.Module | None = None  # a trained compressor of this layer (LoCoCo), when the model has one
 
     @property
     def group_size(self) -> int:
@@ -68,6 +69,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowe
     )
 
 
+@torch.no_grad()  # a statistic for selection: never part of a training graph
 def received_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention each key receives, summed over the queries: ``[B, H, L]`` (fp32).
 
@@ -93,6 +95,7 @@ def kvtune_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    kvtune_adapter: torch.nn.Module | None = None,
     **_,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: exact masked attention, then the cache's policy (if any) for this layer."""
@@ -133,6 +136,7 @@ def kvtune_attention(
             aux=call.aux,
             column_scores=received,
             scaling=scaling,
+            adapter=kvtune_adapter,
         )
         (policy.on_prefill if compressing else policy.on_decode)(ctx)
     return out.transpose(1, 2).contiguous(), None

@@ -194,6 +194,11 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_values = self.tail_values[:, :, :0]
         self.tail_valid = self.tail_valid[:, :0]
 
+    def detach(self) -> None:
+        """Cut stored entries from any autograd graph (a trained compressor's output is trained by one chunk only)."""
+        for name in ("kept_keys", "kept_values", "tail_keys", "tail_values"):
+            setattr(self, name, getattr(self, name).detach())
+
     def set_aux(self, aux: torch.Tensor) -> None:
         """Write the per-entry statistic back from a dense, right-aligned ``[B, H_kv, L]`` tensor."""
         width = int(self.kept_lengths.max()) if self.kept_lengths.numel() else 0

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 import kvtune
 from kvtune.eval.corpus import stdlib_text
 
-METHODS = [m for m in kvtune.methods.available() if "+" not in m] + ["lighttransfer+adakv_snapkv"]
+METHODS = [m for m in kvtune.methods.training_free() if "+" not in m] + ["lighttransfer+adakv_snapkv"]
 TOLERANCE = 1e-4
 
 

@@ -9,7 +9,7 @@ from conftest import tiny_llama
 import kvtune
 from kvtune.replay import RecordedPrefill
 
-METHODS = [m for m in kvtune.methods.available() if "+" not in m and m != "full"] + ["lighttransfer+adakv_snapkv"]
+METHODS = [m for m in kvtune.methods.training_free() if "+" not in m and m != "full"] + ["lighttransfer+adakv_snapkv"]
 
 
 def _padded_batch(lengths, vocab=97, seed=0):

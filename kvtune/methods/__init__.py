@@ -6,12 +6,13 @@ from kvtune.methods import (  # noqa: F401  (importing registers them)
     h2o,
     kvmerger,
     lighttransfer,
+    lococo,
     pyramidkv,
     random_eviction,
     snapkv,
     streaming_llm,
 )
 from kvtune.methods.base import Policy
-from kvtune.methods.registry import available, build
+from kvtune.methods.registry import available, build, training_free
 
-__all__ = ["Policy", "available", "build"]
+__all__ = ["Policy", "available", "build", "training_free"]

@@ -20,7 +20,7 @@ def available() -> list[str]:
     """Names accepted by `build`, composable ones included as ``router+method``."""
     names = sorted(_REGISTRY)
     routers = [n for n in names if getattr(_REGISTRY[n], "composes", False)]
-    inner = [n for n in names if n not in routers and n != "full"]
+    inner = [n for n in names if n not in routers and n != "full" and not getattr(_REGISTRY[n], "needs_adapter", False)]
     return names + [f"{r}+{m}" for r in routers for m in inner]
 
 
@@ -39,3 +39,8 @@ def build(method: str, **kwargs):
 
 def get(name: str) -> type:
     return _REGISTRY[name]
+
+
+def training_free() -> list[str]:
+    """The methods that need no trained adapter (everything `available` lists except e.g. `lococo`)."""
+    return [n for n in available() if not getattr(_REGISTRY[n.partition("+")[0]], "needs_adapter", False)]

@@ -1,0 +1,18 @@
+"""Apply a saved adapter (LoCoCo, LoRA, or both) to a model: a local PEFT folder or a Hub repository id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+import kvtune.lococo  # noqa: F401  (registers the LOCOCO PEFT type before PEFT reads the config)
+
+
+def load_adapter(model: PreTrainedModel, path_or_repo: str | Path, adapter_name: str = "default") -> PeftModel:
+    """The model wrapped with the adapter at ``path_or_repo``, in eval mode (frozen; see `kvtune fit` to train)."""
+    source = str(path_or_repo)
+    if not Path(source).expanduser().exists() and source.count("/") != 1:
+        raise FileNotFoundError(f"adapter {source!r} is neither a local folder nor a Hub repository id (owner/name)")
+    return PeftModel.from_pretrained(model, source, adapter_name=adapter_name).eval()

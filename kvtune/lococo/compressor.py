@@ -1,0 +1,99 @@
+"""LoCoCo's compressor (Cai et al., ICML 2024): fuse a layer's KV entries into a fixed number of slots.
+
+Faithful to the official code (``memory_compressor.py``): half of the ``mem_size`` slots keep the entries with the
+highest attention scores verbatim; the other half are convex-ish mixtures of the remaining entries, with weights
+``W = (1 - λ) · R + λ · softmax(ReLU(Conv1d(concat(K, V))))`` over tokens, where ``R`` is a one-hot pick of the
+next-best entries and λ a learnable scalar. The same weights fuse keys and values. Deliberate differences, each
+documented in `docs/lococo.md`: scores and compression per KV head (GQA), an explicit bias initialisation, rows
+with padding or fewer valid entries than slots handled exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _valid_first(mask: torch.Tensor) -> torch.Tensor:
+    """Positions along the last axis with the ``True`` entries first, each group in positional order."""
+    return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+
+
+def _take(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``source[b, h, index[b, h, i]]`` for ``[B, H, L, d]`` sources."""
+    return source.gather(2, index[..., None].expand(-1, -1, -1, source.shape[-1]))
+
+
+class LoCoCoCompressor(nn.Module):
+    """One layer's compressor, shared by the layer's KV heads (heads go through the conv's batch axis)."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        mem_size: int,
+        keep_rate: float = 0.5,
+        kernel_size: int = 21,
+        lambda_init: float = 0.5,
+        init_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if mem_size < 2:
+            raise ValueError(f"mem_size must be at least 2 slots, got {mem_size}")
+        if not 0.0 < keep_rate < 1.0:
+            raise ValueError(f"keep_rate must lie in (0, 1), got {keep_rate}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same-length convolution), got {kernel_size}")
+        self.mem_size = mem_size
+        self.fused = int(mem_size * (1.0 - keep_rate))
+        self.verbatim = mem_size - self.fused
+        self.conv = nn.Conv1d(2 * head_dim, self.fused, kernel_size, padding=kernel_size // 2)
+        self.blend = nn.Parameter(torch.tensor(float(lambda_init)))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) weights as the official code (std 1), and a zero bias it forgot to initialise."""
+        nn.init.normal_(self.conv.weight, 0.0, self.init_std)
+        nn.init.zeros_(self.conv.bias)
+
+    def mixing_weights(self, tokens: torch.Tensor, scores: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """``[B, H, C, N]`` weights of the fused slots over the ``N`` remaining entries (``rest`` marks real ones)."""
+        batch, heads, length, _ = tokens.shape
+        logits = F.relu(self.conv(tokens.flatten(0, 1).transpose(1, 2).to(self.conv.weight.dtype)))
+        # a finite floor, not -inf: a row with nothing to fuse (it keeps its entries verbatim) must not make NaNs
+        floor = torch.finfo(torch.float32).min
+        soft = logits.view(batch, heads, self.fused, length).float().masked_fill(~rest[:, :, None, :], floor)
+        soft = soft.softmax(dim=-1)
+        picks = scores.masked_fill(~rest, float("-inf")).topk(self.fused, dim=-1).indices.sort(dim=-1).values
+        one_hot = torch.zeros_like(soft).scatter_(-1, picks[..., None], 1.0)
+        return (1.0 - self.blend) * one_hot + self.blend * soft
+
+    def forward(
+        self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compress ``[B, H_kv, L, d]`` entries to ``mem_size`` slots per head: ``(keys, values, counts)``.
+
+        ``scores`` (``[B, H_kv, L]``) is the attention each entry received from the last forward's queries;
+        ``valid`` marks real entries. Slots are ordered [verbatim | fused]. Rows holding ``mem_size`` entries or
+        fewer keep them all (``counts`` says how many of the slots are real).
+        """
+        counts = valid.sum(dim=-1)
+        scores = scores.float().masked_fill(~valid, float("-inf"))
+        verbatim = scores.topk(self.verbatim, dim=-1).indices.sort(dim=-1).values
+        rest = valid.clone().scatter_(-1, verbatim, False)
+        order = _valid_first(rest)  # the remaining entries, contiguous and in cache order, as the conv expects
+        width = int(rest.sum(dim=-1).max())
+        order = order[..., :width]
+        rest_sorted = rest.gather(-1, order)
+        rest_keys, rest_values = _take(keys, order), _take(values, order)
+        tokens = torch.cat([rest_keys, rest_values], dim=-1) * rest_sorted[..., None]
+        weights = self.mixing_weights(tokens, scores.gather(-1, order), rest_sorted).to(keys.dtype)
+        compressed_keys = torch.cat([_take(keys, verbatim), weights @ rest_keys], dim=2)
+        compressed_values = torch.cat([_take(values, verbatim), weights @ rest_values], dim=2)
+        small = counts <= self.mem_size
+        if bool(small.any()):  # rows that fit keep their entries verbatim, first-aligned
+            fit = _valid_first(valid)[..., : self.mem_size]
+            compressed_keys = torch.where(small[..., None, None], _take(keys, fit), compressed_keys)
+            compressed_values = torch.where(small[..., None, None], _take(values, fit), compressed_values)
+        return compressed_keys, compressed_values, torch.clamp(counts, max=self.mem_size)

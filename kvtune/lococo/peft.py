@@ -1,0 +1,109 @@
+"""LoCoCo as a PEFT method: `LoCoCoConfig`, the `LoCoCoLayer` wrapping each attention module, and the tuner.
+
+PEFT's `register_peft_method` only accepts names of its own `PeftType` enum, so the custom type ``"LOCOCO"`` is
+added to `peft.mapping`'s three tables instead. After ``import kvtune``, `get_peft_model`, `save_pretrained`,
+`PeftModel.from_pretrained` and `push_to_hub` work as for any built-in method. A convolution over time cannot be
+folded into base weights, so there is no merge.
+
+The wrapper changes nothing in the attention computation: it hands its compressor to kvtune's attention backend
+(the ``kvtune_adapter`` keyword), where the `lococo` method (`kvtune.methods.lococo`) compresses the cache with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import peft.mapping
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from kvtune.lococo.compressor import LoCoCoCompressor
+
+PEFT_TYPE = "LOCOCO"
+PREFIX = "lococo_"
+
+
+@dataclass
+class LoCoCoConfig(PeftConfig):
+    """LoCoCo's hyperparameters (defaults: the official code's; ``mem_size`` 128 is its inference setting)."""
+
+    mem_size: int = field(default=128, metadata={"help": "slots kept per layer and KV head (M)"})
+    block_size: int = field(default=512, metadata={"help": "tokens per chunk (B): prefill and training granularity"})
+    keep_rate: float = field(default=0.5, metadata={"help": "fraction of slots kept verbatim by attention score"})
+    kernel_size: int = field(default=21, metadata={"help": "Conv1d kernel over tokens"})
+    lambda_init: float = field(default=0.5, metadata={"help": "initial blend of soft weights vs one-hot residual"})
+    init_std: float = field(default=1.0, metadata={"help": "std of the conv weights at initialisation"})
+    buffer: int = field(default=16, metadata={"help": "entries held beyond mem_size before compression fires"})
+    position_interpolation: float = field(default=1.0, metadata={"help": "linear RoPE scaling factor trained with"})
+    target_modules: list[str] | str | None = field(
+        default_factory=lambda: ["self_attn"], metadata={"help": "attention modules that get a compressor"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+
+
+class LoCoCoLayer(nn.Module, BaseTunerLayer):
+    """An attention module plus one `LoCoCoCompressor` per adapter name."""
+
+    adapter_layer_names = ("lococo_compressor",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoCoCoConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lococo_compressor = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config)
+
+    @property
+    def layer_idx(self) -> int:
+        return self.base_layer.layer_idx
+
+    def update_layer(self, adapter_name: str, config: LoCoCoConfig) -> None:
+        base = self.base_layer
+        head_dim = getattr(base, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads
+        weight = base.k_proj.weight
+        self.lococo_compressor[adapter_name] = LoCoCoCompressor(
+            head_dim,
+            config.mem_size,
+            keep_rate=config.keep_rate,
+            kernel_size=config.kernel_size,
+            lambda_init=config.lambda_init,
+            init_std=config.init_std,
+        ).to(device=weight.device, dtype=weight.dtype)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, *args, **kwargs):
+        active = [name for name in self.active_adapters if name in self.lococo_compressor]
+        if self.disable_adapters or not active:
+            return self.base_layer(*args, **kwargs)
+        return self.base_layer(*args, kvtune_adapter=self.lococo_compressor[active[0]], **kwargs)
+
+
+class LoCoCoModel(BaseTuner):
+    """Puts a `LoCoCoLayer` around every target attention module."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = LoCoCoLayer
+    target_module_mapping: dict = {}
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
+        if isinstance(target, LoCoCoLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        self._replace_module(parent, target_name, LoCoCoLayer(target, adapter_name, peft_config), target)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise ValueError("LoCoCo compresses the cache over time; it cannot be merged into the base weights")
+        return super()._unload_and_optionally_merge(False, progressbar, safe_merge, adapter_names)
+
+
+peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LoCoCoConfig
+peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = LoCoCoModel
+peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX

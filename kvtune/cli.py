@@ -94,6 +94,16 @@ def run_bench(cfg) -> list[dict]:
     return rows
 
 
+def run_fit(cfg) -> dict:
+    """Train, then print where the adapter went."""
+    from kvtune.train.fit import fit
+
+    metrics = fit(cfg, cfg.output_dir)
+    print(json.dumps(metrics))
+    print(f"adapter saved to {Path(cfg.output_dir) / 'adapter'}")
+    return metrics
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in {**COMMANDS, **PLAIN_COMMANDS}:
         print(f"usage: kvtune {{{','.join([*COMMANDS, *PLAIN_COMMANDS])}}} key=value ...", file=sys.stderr)
@@ -107,7 +117,7 @@ def main() -> None:
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(COMMANDS[command])()
 
 
-COMMANDS = {"generate": run_generate, "eval": run_eval, "bench": run_bench}  # Hydra-composed
+COMMANDS = {"generate": run_generate, "eval": run_eval, "bench": run_bench, "fit": run_fit}  # Hydra-composed
 PLAIN_COMMANDS = {"report": run_report}  # positional arguments
 
 

@@ -44,6 +44,7 @@ class EvalConfig:
 
     model: str = "embedded"
     dtype: str = "float32"
+    adapter: str | None = None  # a saved adapter (PEFT folder or Hub id) applied first, e.g. for method=lococo
     task: dict[str, Any] = field(default_factory=lambda: {"name": "passkey"})
     method: str = "full"
     budget: int | None = None
@@ -73,7 +74,65 @@ class BenchConfig:
     output: str = "bench.json"
 
 
+@dataclass
+class FitModelConfig:
+    name: str = "embedded"  # Hub id, local directory, or the embedded SmolLM2
+    dtype: str = "float32"
+    position_interpolation: float = 1.0  # linear RoPE scaling factor (context extension: target length / trained)
+
+
+@dataclass
+class LoCoCoMethodConfig:
+    """LoCoCo's hyperparameters (`kvtune.lococo.LoCoCoConfig`) and which parameters train."""
+
+    name: str = "lococo"
+    mem_size: int = 128
+    block_size: int = 512
+    keep_rate: float = 0.5
+    kernel_size: int = 21
+    lambda_init: float = 0.5
+    init_std: float = 1.0
+    buffer: int = 16
+    trainable: str = "compressor"  # or compressor+embed_norm
+
+
+@dataclass
+class FitDataConfig:
+    source: str | None = None  # None: the offline stdlib corpus; a text file/folder; or hf:NAME through datasets
+    chunks: int = 8  # P: chunks per training sequence (sequence length = block_size * chunks)
+    val_fraction: float = 0.1
+    batch_size: int = 1
+    max_train_sequences: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr_compressor: float = 5e-2
+    lr_embed_norm: float = 2.5e-4
+    lr_lora: float = 5e-5
+    accumulate: int = 1  # sequences per optimiser step
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class FitConfig:
+    """`kvtune fit`: train KV compressors (recipes under recipes/, selected with recipe=NAME)."""
+
+    model: FitModelConfig = field(default_factory=FitModelConfig)
+    method: LoCoCoMethodConfig = field(default_factory=LoCoCoMethodConfig)
+    data: FitDataConfig = field(default_factory=FitDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # keyword arguments of lightning.pytorch.Trainer
+    strategy: Any = "auto"  # a Lightning strategy name or a _target_ config (conf/strategy/)
+    logger: Any = None  # a Lightning logger config (conf/logger/)
+    seed: int = 0
+    checkpoint_every: int = 50
+    ckpt_path: str | None = None  # "last" resumes from the run directory's last checkpoint
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
 store = ConfigStore.instance()
 store.store(name="generate_schema", node=GenerateConfig)
 store.store(name="eval_schema", node=EvalConfig)
 store.store(name="bench_schema", node=BenchConfig)
+store.store(name="fit_schema", node=FitConfig)

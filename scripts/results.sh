@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every measured table of docs/results.md on the embedded model (CPU: about an hour and a half).
+# Regenerates every measured table of docs/results.md on the embedded model (2-core CPU: about two hours).
 #   scripts/results.sh            # everything
 #   scripts/results.sh bench      # one part: grid | perplexity | passkey | bench
 # Each part writes a folder under docs/results/ (results.jsonl, results.md, results.png or bench.json), then
@@ -9,18 +9,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=docs/results
-METHODS=full,random,streaming_llm,h2o,snapkv,pyramidkv,adakv_snapkv,adakv_pyramidkv,kvmerger,lighttransfer,lighttransfer+adakv_snapkv
-PARTS=${*:-grid perplexity passkey bench}
+FREE=full,random,streaming_llm,h2o,snapkv,pyramidkv,adakv_snapkv,adakv_pyramidkv,kvmerger,lighttransfer
+METHODS=$FREE,lighttransfer+adakv_snapkv
+PARTS=${*:-passkey bench grid perplexity}
 
 for part in $PARTS; do
   case $part in
     grid)  # the quality grid: 4 needle tasks x every method x 4 budgets on 4K-token prompts (one prefill per sample)
       rm -rf $OUT/grid_4k
       $BIN/kvtune eval task=passkey,niah_single,niah_multikey,variable_tracking method=$METHODS \
-        budget=128,256,512,1024 context_length=4096 samples=10 hydra.sweep.dir=$OUT/grid_4k -m ;;
+        budget=128,256,512,1024 context_length=4096 samples=5 hydra.sweep.dir=$OUT/grid_4k -m ;;
     perplexity)  # chunked perplexity (512-token chunks, compression between them) on 4K-token stdlib windows
       rm -rf $OUT/perplexity_4k
-      $BIN/kvtune eval task=perplexity method=$METHODS budget=128,256,512,1024 context_length=4096 samples=2 \
+      $BIN/kvtune eval task=perplexity method=$FREE budget=128,256,512,1024 context_length=4096 samples=2 \
         batch_size=2 hydra.sweep.dir=$OUT/perplexity_4k -m ;;
     passkey)  # issue 2's report: passkey at ~3.5K tokens, question-agnostic and question-aware
       rm -rf $OUT/passkey_3500
@@ -29,7 +30,7 @@ for part in $PARTS; do
     bench)  # speed and memory at 8K tokens, every method against full in one run
       mkdir -p $OUT
       $BIN/kvtune bench "methods=[${METHODS}]" budgets=[512] context_lengths=[8192] batch_sizes=[1] \
-        decode_tokens=32 output=$OUT/bench_8k.json ;;
+        decode_tokens=16 output=$OUT/bench_8k.json ;;
     *) echo "unknown part $part (grid | perplexity | passkey | bench)"; exit 2 ;;
   esac
 done

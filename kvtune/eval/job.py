@@ -9,20 +9,22 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvtune.adapters import load_adapter
 from kvtune.eval.report import RESULTS, build_report
 from kvtune.eval.runner import evaluate
 from kvtune.eval.tasks import build_task
 from kvtune.models import load_model
 
-_loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
+_loaded: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
 
 
-def _model(name: str, dtype: str):
-    """Jobs of a multirun share the process (Hydra's basic launcher): load the model once."""
-    key = (name, dtype)
+def _model(name: str, dtype: str, adapter: str | None):
+    """Jobs of a multirun share the process (Hydra's basic launcher): load the model (and adapter) once."""
+    key = (name, dtype, adapter)
     if key not in _loaded:
         _loaded.clear()
-        _loaded[key] = load_model(name, dtype=dtype)
+        model, tokenizer = load_model(name, dtype=dtype)
+        _loaded[key] = (load_adapter(model, adapter) if adapter else model, tokenizer)
     return _loaded[key]
 
 
@@ -46,7 +48,7 @@ def run_eval_job(cfg: DictConfig, results_dir: str | Path, job_dir: str | Path |
     job_dir.mkdir(parents=True, exist_ok=True)
     options = OmegaConf.to_container(cfg.task, resolve=True)
     task = _task(options)
-    model, tokenizer = _model(cfg.model, cfg.dtype)
+    model, tokenizer = _model(cfg.model, cfg.dtype, cfg.adapter)
     row = evaluate(
         model,
         tokenizer,
@@ -65,6 +67,7 @@ def run_eval_job(cfg: DictConfig, results_dir: str | Path, job_dir: str | Path |
     )
     per_sample = row.pop("per_sample")
     row["model"] = cfg.model
+    row["adapter"] = cfg.adapter
     row["task_options"] = options
     with open(job_dir / "samples.jsonl", "w") as handle:
         for item in per_sample:

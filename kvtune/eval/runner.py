@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtune.api import append_tails, greedy, left_pad, new_cache, tokenize_prompts
+from kvtune.api import append_tails, greedy, left_pad, new_cache, prefill, tokenize_prompts
 from kvtune.cache import KVCache
 from kvtune.eval.tasks import Sample, Task
 from kvtune.methods import build
@@ -103,6 +103,68 @@ def _answer_nll(
     return ((losses * gold_mask).sum(dim=1) / gold_mask.sum(dim=1)).tolist()
 
 
+@dataclass
+class _Compressed:
+    samples: list[Sample]
+    cache: KVCache
+    logits: torch.Tensor
+    mask: torch.Tensor
+    tails: list[list[int]]
+    full_bytes: float  # per sample
+    prefill_seconds: float
+
+
+def _compressed_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    method: str,
+    budget: int | None,
+    ratio: float | None,
+    method_kwargs: dict[str, Any],
+    key: tuple,
+    batch_size: int,
+    question_aware: bool,
+    progress: tqdm,
+) -> Iterator[_Compressed]:
+    """Each batch's prompt heads compressed by the method: replayed from shared recordings where the method allows,
+    else prefilled live (chunk by chunk for methods that say so, e.g. `lococo`)."""
+    plain_full = method == "full" and budget is None and ratio is None
+    if plain_full or getattr(build(method, budget=budget, ratio=ratio, **method_kwargs), "replayable", True):
+        for batch in _recorded_batches(model, tokenizer, samples, key, batch_size, question_aware, progress):
+            kwargs = dict(method_kwargs)
+            if batch.window is not None:
+                kwargs.setdefault("window", batch.window)
+            recording = batch.recording
+            cache = (
+                copy.deepcopy(recording.cache) if plain_full else recording.compress(method, budget, ratio, **kwargs)
+            )
+            full_bytes = recording.cache.nbytes() / len(batch.samples)
+            yield _Compressed(
+                batch.samples, cache, recording.logits, recording.mask, batch.tails, full_bytes, batch.seconds
+            )
+        return
+    for chunk in _batches(samples, batch_size):
+        start = time.perf_counter()
+        prompt = tokenize_prompts(
+            tokenizer,
+            [s.context for s in chunk],
+            [s.question for s in chunk],
+            [s.answer_prefix for s in chunk],
+            question_aware,
+        )
+        kwargs = dict(method_kwargs)
+        if prompt.window is not None:
+            kwargs.setdefault("window", prompt.window)
+        policy = build(method, budget=budget, ratio=ratio, **kwargs)
+        cache = new_cache(model, policy)
+        ids, mask = left_pad(prompt.heads, tokenizer.pad_token_id)
+        logits, mask = prefill(model, cache, ids, mask, chunk=getattr(policy, "prefill_chunk", None))
+        cache.prefilling = False
+        seconds = time.perf_counter() - start
+        yield _Compressed(chunk, cache, logits, mask, prompt.tails, _full_bytes(model, ids.shape[1]), seconds)
+
+
 def _qa(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -119,18 +181,15 @@ def _qa(
     progress: tqdm,
 ) -> dict[str, Any]:
     scores, nlls, kv_bytes, full_bytes, answers, prefill_seconds = [], [], [], [], [], 0.0
-    for batch in _recorded_batches(model, tokenizer, samples, key, batch_size, question_aware, progress):
-        kwargs = dict(method_kwargs)
-        if batch.window is not None:
-            kwargs.setdefault("window", batch.window)
-        recording = batch.recording
-        plain_full = method == "full" and budget is None and ratio is None
-        cache = copy.deepcopy(recording.cache) if plain_full else recording.compress(method, budget, ratio, **kwargs)
-        rows = len(batch.samples)
+    batches = _compressed_batches(
+        model, tokenizer, samples, method, budget, ratio, method_kwargs, key, batch_size, question_aware, progress
+    )
+    for batch in batches:
+        cache, rows = batch.cache, len(batch.samples)
         kv_bytes += [cache.nbytes() / rows] * rows
-        full_bytes += [recording.cache.nbytes() / rows] * rows
-        prefill_seconds += batch.seconds
-        logits, mask = append_tails(model, cache, batch.tails, recording.mask, recording.logits, tokenizer.pad_token_id)
+        full_bytes += [batch.full_bytes] * rows
+        prefill_seconds += batch.prefill_seconds
+        logits, mask = append_tails(model, cache, batch.tails, batch.mask, batch.logits, tokenizer.pad_token_id)
         gold = [tokenizer(s.answers[0], add_special_tokens=False).input_ids for s in batch.samples]
         nlls += _answer_nll(model, copy.deepcopy(cache), logits, mask, gold)
         limit = max_new_tokens or getattr(task, "max_new_tokens", None) or max(len(g) for g in gold) + 8
@@ -228,6 +287,7 @@ def _full_bytes(model: PreTrainedModel, length: int) -> float:
     return 2 * config.num_hidden_layers * heads * head_dim * length * model.dtype.itemsize
 
 
+@torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -39,6 +39,9 @@ class LoCoCoConfig(PeftConfig):
     target_modules: list[str] | str | None = field(
         default_factory=lambda: ["self_attn"], metadata={"help": "attention modules that get a compressor"}
     )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "base modules trained and saved too (embeddings and norms)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,0 +1,65 @@
+"""`kvtune fit` end to end on the embedded model at toy sizes: it trains, resumes exactly, and saves adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch import Callback
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import kvtune
+from kvtune.cli import CONF_DIR
+from kvtune.train.fit import fit
+
+TOY = [
+    "recipe=quickstart",
+    "method.block_size=32",
+    "method.mem_size=16",
+    "method.kernel_size=5",
+    "data.chunks=3",
+    "data.max_train_sequences=16",
+    "optim.accumulate=1",
+    "trainer.val_check_interval=100",
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "checkpoint_every=1",
+    "~logger",
+]
+
+
+class CtrlC(Callback):
+    """Presses Ctrl-C once ``at_step`` optimiser steps are done."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def _config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="fit", overrides=[*TOY, f"output_dir={tmp_path}", *overrides])
+
+
+def _adapter(folder):
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
+    fit(_config(tmp_path / "straight", "trainer.max_steps=6"), tmp_path / "straight")
+    # the same 6-step schedule, stopped after 3 steps and resumed from its last checkpoint
+    with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits with status 1
+        fit(_config(tmp_path / "resumed", "trainer.max_steps=6"), tmp_path / "resumed", callbacks=[CtrlC(at_step=3)])
+    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_file()
+    fit(_config(tmp_path / "resumed", "trainer.max_steps=6", "ckpt_path=last"), tmp_path / "resumed")
+    straight, resumed = _adapter(tmp_path / "straight"), _adapter(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and straight
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+    initial = PeftModel.from_pretrained(kvtune.load_model("embedded")[0], tmp_path / "straight" / "adapter")
+    assert any("lococo_compressor" in n for n, _ in initial.named_parameters())

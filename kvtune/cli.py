@@ -94,6 +94,32 @@ def run_bench(cfg) -> list[dict]:
     return rows
 
 
+def run_export(argv: list[str]) -> None:
+    """`kvtune export RUN_DIR OUT_DIR`: the trained adapter as a PEFT folder with a model card."""
+    from kvtune.train.export import export
+
+    if len(argv) != 2:
+        raise SystemExit("usage: kvtune export RUN_DIR OUT_DIR")
+    print(f"exported to {export(argv[0], argv[1])}")
+
+
+def run_push(argv: list[str]) -> None:
+    """`kvtune push RUN_DIR --repo-id OWNER/NAME [--private]`: upload the exported adapter to the Hub."""
+    import argparse
+
+    from kvtune.train.export import push
+
+    parser = argparse.ArgumentParser(prog="kvtune push")
+    parser.add_argument("run_dir")
+    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        print(f"pushed: {push(args.run_dir, args.repo_id, args.private)}")
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from error
+
+
 def run_fit(cfg) -> dict:
     """Train, then print where the adapter went."""
     from kvtune.train.fit import fit
@@ -118,7 +144,7 @@ def main() -> None:
 
 
 COMMANDS = {"generate": run_generate, "eval": run_eval, "bench": run_bench, "fit": run_fit}  # Hydra-composed
-PLAIN_COMMANDS = {"report": run_report}  # positional arguments
+PLAIN_COMMANDS = {"report": run_report, "export": run_export, "push": run_push}  # positional arguments
 
 
 if __name__ == "__main__":

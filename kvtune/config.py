@@ -45,6 +45,7 @@ class EvalConfig:
     model: str = "embedded"
     dtype: str = "float32"
     adapter: str | None = None  # a saved adapter (PEFT folder or Hub id) applied first, e.g. for method=lococo
+    label: str | None = None  # the name tables and plots give this row (default: the method)
     task: dict[str, Any] = field(default_factory=lambda: {"name": "passkey"})
     method: str = "full"
     budget: int | None = None

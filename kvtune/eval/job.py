@@ -68,6 +68,7 @@ def run_eval_job(cfg: DictConfig, results_dir: str | Path, job_dir: str | Path |
     per_sample = row.pop("per_sample")
     row["model"] = cfg.model
     row["adapter"] = cfg.adapter
+    row["label"] = cfg.label or cfg.method
     row["task_options"] = options
     with open(job_dir / "samples.jsonl", "w") as handle:
         for item in per_sample:

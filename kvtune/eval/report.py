@@ -27,13 +27,18 @@ def read_rows(folder: str | Path) -> list[dict[str, Any]]:
 def _point(row: dict[str, Any]) -> tuple:
     return (
         row["task"],
-        row["method"],
+        _label(row),
         row.get("budget"),
         row.get("ratio"),
         row["context_length"],
         row.get("question_aware", False),
         row.get("seed", 0),
     )
+
+
+def _label(row: dict[str, Any]) -> str:
+    """How a row's method is named in tables and plots (``label=`` tells adapters of one method apart)."""
+    return row.get("label") or row["method"]
 
 
 def _setting(row: dict[str, Any]) -> str:
@@ -67,10 +72,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         )
         parts.append("| method | " + " | ".join(f"budget {b}" for b in budgets) + " | KV kept |")
         parts.append("|---|" + "---|" * (len(budgets) + 1))
-        for method in sorted({r["method"] for r in task_rows}, key=lambda m: (m != "full", m)):
+        for method in sorted({_label(r) for r in task_rows}, key=lambda m: (m != "full", m)):
             cells, kept = [], []
             for budget in budgets:
-                match = [r for r in task_rows if r["method"] == method and _budget_label(r) == budget]
+                match = [r for r in task_rows if _label(r) == method and _budget_label(r) == budget]
                 if match:
                     r = match[-1]
                     cells.append(f"{r['score']:.3g} · {r['answer_nll']:.3f}")
@@ -97,11 +102,11 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
         lower = task_rows[0]["task"] in LOWER_IS_BETTER
         for row_index, key in enumerate(("score", "answer_nll")):
             ax = axes[row_index][col]
-            for method in sorted({r["method"] for r in task_rows}, key=lambda m: (m != "full", m)):
+            for method in sorted({_label(r) for r in task_rows}, key=lambda m: (m != "full", m)):
                 points = sorted(
-                    (r["budget"], r[key]) for r in task_rows if r["method"] == method and r.get("budget") is not None
+                    (r["budget"], r[key]) for r in task_rows if _label(r) == method and r.get("budget") is not None
                 )
-                unbudgeted = [r[key] for r in task_rows if r["method"] == method and r.get("budget") is None]
+                unbudgeted = [r[key] for r in task_rows if _label(r) == method and r.get("budget") is None]
                 if method == "full" and (unbudgeted or len({y for _, y in points}) == 1):
                     level = unbudgeted[-1] if unbudgeted else points[0][1]
                     ax.axhline(level, color="black", linestyle="--", label="full")

@@ -93,7 +93,16 @@ def fit(cfg: DictConfig, output_dir: str | Path, callbacks: list[pl.Callback] | 
     if ckpt_path == "last":
         ckpt_path = str(checkpoints / "last.ckpt") if (checkpoints / "last.ckpt").is_file() else None
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         model.save_pretrained(output_dir / "adapter")
-        (output_dir / "fit_config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=2))
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+        record = {**OmegaConf.to_container(cfg, resolve=True), "recipe": _recipe_name()}
+        (output_dir / "fit_config.json").write_text(json.dumps(record, indent=2))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _recipe_name() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None

@@ -54,7 +54,7 @@ class EvalConfig:
     context_length: int = 4096
     samples: int = 20
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = 1  # samples prefilled together; raise it on GPUs (on CPU batching is not faster)
     question_aware: bool = False
     max_new_tokens: int | None = None
     results_dir: str | None = None  # default: the run directory, or the sweep directory under -m

@@ -22,7 +22,7 @@ for part in $PARTS; do
     perplexity)  # chunked perplexity (512-token chunks, compression between them) on 4K-token stdlib windows
       rm -rf $OUT/perplexity_4k
       $BIN/kvtune eval task=perplexity method=$FREE budget=128,256,512,1024 context_length=4096 samples=2 \
-        batch_size=2 hydra.sweep.dir=$OUT/perplexity_4k -m ;;
+        hydra.sweep.dir=$OUT/perplexity_4k -m ;;
     passkey)  # issue 2's report: passkey at ~3.5K tokens, question-agnostic and question-aware
       rm -rf $OUT/passkey_3500
       $BIN/kvtune eval task=passkey question_aware=false,true method=$METHODS budget=256,512,1024 \

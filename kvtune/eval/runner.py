@@ -298,7 +298,7 @@ def evaluate(
     context_length: int = 4096,
     samples: int = 20,
     seed: int = 0,
-    batch_size: int = 4,
+    batch_size: int = 1,
     question_aware: bool = False,
     max_new_tokens: int | None = None,
     method_kwargs: dict[str, Any] | None = None,

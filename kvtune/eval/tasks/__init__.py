@@ -2,6 +2,7 @@
 
 from kvtune.eval.tasks import (  # noqa: F401  (importing registers them)
     aggregation,
+    longbench,
     niah,
     passkey,
     perplexity,

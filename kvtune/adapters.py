@@ -11,8 +11,15 @@ import kvtune.lococo  # noqa: F401  (registers the LOCOCO PEFT type before PEFT 
 
 
 def load_adapter(model: PreTrainedModel, path_or_repo: str | Path, adapter_name: str = "default") -> PeftModel:
-    """The model wrapped with the adapter at ``path_or_repo``, in eval mode (frozen; see `kvtune fit` to train)."""
+    """The model wrapped with the adapter at ``path_or_repo``, in eval mode (frozen; see `kvtune fit` to train).
+
+    PEFT injects adapters into ``model`` in place; loading the same source again returns the same wrapper.
+    """
     source = str(path_or_repo)
+    loaded = model.__dict__.setdefault("_kvtune_adapters", {})
+    if source in loaded:
+        return loaded[source]
     if not Path(source).expanduser().exists() and source.count("/") != 1:
         raise FileNotFoundError(f"adapter {source!r} is neither a local folder nor a Hub repository id (owner/name)")
-    return PeftModel.from_pretrained(model, source, adapter_name=adapter_name).eval()
+    loaded[source] = PeftModel.from_pretrained(model, source, adapter_name=adapter_name).eval()
+    return loaded[source]

@@ -8,7 +8,8 @@ from conftest import tiny_llama
 from peft import PeftModel, get_peft_model
 
 import kvtune
-from kvtune.eval.runner import chunked_nll
+from kvtune.eval.runner import chunked_nll, evaluate
+from kvtune.eval.tasks import build_task
 from kvtune.lococo import LoCoCoCompressor, LoCoCoConfig, LoCoCoLayer
 
 
@@ -123,3 +124,28 @@ def test_lococo_without_an_adapter_says_how_to_get_one():
     cache = kvtune.new_cache(model, kvtune.methods.build("lococo", chunk=16))
     with pytest.raises(ValueError, match="load_adapter"):
         chunked_nll(model, cache, ids, chunk=16)
+
+
+def test_generate_and_eval_with_a_saved_adapter_keep_a_fixed_cache(tmp_path):
+    model, tokenizer = kvtune.load_model("embedded")
+    get_peft_model(model, LoCoCoConfig(mem_size=64, block_size=128, init_std=0.02)).save_pretrained(tmp_path)
+    base, _ = kvtune.load_model("embedded")
+    task = build_task("passkey")
+    sample = task.samples(tokenizer, 600, 1, 0)[0]
+    answer, cache = kvtune.generate(
+        base,
+        tokenizer,
+        sample.context,
+        sample.question,
+        sample.answer_prefix,
+        method="lococo",
+        adapter=str(tmp_path),
+        chunk=128,
+        max_new_tokens=4,
+        return_cache=True,
+    )
+    assert isinstance(answer, str) and answer
+    assert max(n for lengths in cache.lengths() for n in lengths.flatten().tolist()) <= 64 + 16
+    adapted = kvtune.load_adapter(base, tmp_path)
+    row = evaluate(adapted, tokenizer, task, "lococo", 64, context_length=600, samples=1, method_kwargs={"chunk": 128})
+    assert row["kv_bytes"] < 0.2 * row["full_kv_bytes"]

@@ -1,78 +1,165 @@
-"""Contexts of an exact token length with needles at chosen depths: shared by the synthetic tasks.
+"""Haystacks of an exact token length with needle sentences at chosen depths, shared by the synthetic tasks.
 
-A context is a sequence of filler *units* (sentences of noise, lines of natural text, list entries) with needle
-sentences inserted between units. `fit_units` searches the number of units so that the whole prompt (context,
-question and answer prefix, as `kvtune.generate` lays them out) lands on the target length in the model's tokens.
+A haystack is RULER's repeated noise sentences (``"noise"``) or a window of natural text read from a seeded line of
+a corpus (``"natural"``). It is consumed in whole units (noise sentences, corpus words) and needles go in at
+sentence or line boundaries, so the context reads naturally around them. Lengths are searched in the model's own
+tokens: `fit_count` finds how many units make the whole prompt land on the target length.
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
 from kvtune.eval.corpus import corpus_text
-from kvtune.eval.tasks.base import Sample, prompt_tokens
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+NOISE = " ".join(NOISE_SENTENCES)
 HAYSTACKS = ("noise", "natural")
+TOLERANCE = 0.02  # the largest relative miss of a fitted length before generation gives up
+
+_WORD = re.compile(r"\S+")
+_BOUNDARY = re.compile(r"\n|[.!?][ \t]+")  # a needle may follow a line break or a sentence's end
+
+
+def sample_rng(task: str, seed: int, index: int) -> random.Random:
+    """The RNG of one sample: independent across tasks, seeds and indices, and never the global state."""
+    return random.Random(f"{task}/{seed}/{index}")
 
 
 @lru_cache(maxsize=4)
-def _corpus_lines(corpus: str | None) -> tuple[str, ...]:
-    return tuple(line.strip() for line in corpus_text(corpus).splitlines() if line.strip())
+def _corpus(corpus: str | None) -> str:
+    return corpus_text(corpus)
 
 
-def filler(haystack: str, corpus: str | None, rng: random.Random) -> Callable[[int], list[str]]:
-    """``units(n)``: ``n`` filler units, noise sentences or consecutive corpus lines from a seeded offset."""
-    if haystack not in HAYSTACKS:
-        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
-    if haystack == "noise":
-        return lambda n: [NOISE] * n
-    lines = _corpus_lines(corpus)
-    start = rng.randrange(len(lines))
-    return lambda n: [lines[(start + i) % len(lines)] for i in range(n)]
+class Filler:
+    """Haystack text read lazily in whole units, with the offsets where a needle may go."""
+
+    def __init__(self, haystack: str, rng: random.Random, corpus: str | None = None) -> None:
+        if haystack not in HAYSTACKS:
+            raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
+        self.natural = haystack == "natural"
+        self.text, self.ends, self.slots = "", [], []
+        if self.natural:
+            stream = _corpus(corpus)
+            line = stream.find("\n", rng.randrange(len(stream))) + 1  # start on a whole line (0 when none follows)
+            self._stream, self._start = stream, line
+
+    def end(self, units: int) -> int:
+        """The character offset just after the first ``units`` units, reading more text as needed."""
+        while len(self.ends) < units:
+            self._read(max(4 * units, 2 * len(self.ends), 64))
+        return self.ends[units - 1] if units else 0
+
+    def slots_before(self, end: int) -> list[int]:
+        """Needle offsets inside the first ``end`` characters (a needle always has haystack after it)."""
+        return self.slots[: bisect.bisect_left(self.slots, end)]
+
+    def separator(self, slot: int) -> str:
+        """What follows a needle at ``slot``: a line break in line-broken text, else a space."""
+        return "\n" if slot and self.text[slot - 1] == "\n" else " "
+
+    def _read(self, units: int) -> None:
+        if not self.natural:
+            self.text = " ".join(NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(units))
+            self.ends = [m.end() for m in re.finditer(r"\.", self.text)]
+            self.slots = [0] + [end + 1 for end in self.ends[:-1]]
+            return
+        chars = 8 * units  # words of prose or code average well under 8 characters with their spacing
+        text = self._stream[self._start : self._start + chars]
+        while len(text) < chars:  # wrap around the corpus
+            text += "\n\n" + self._stream[: chars - len(text) - 2]
+        # A word or boundary touching the window's edge may continue past it: keep only those inside.
+        self.text = text
+        self.ends = [m.end() for m in _WORD.finditer(text) if m.end() < len(text)]
+        self.slots = [m.end() for m in _BOUNDARY.finditer(text) if m.end() < len(text)]
 
 
-def with_needles(units: list[str], needles: list[str], depths: list[float], sep: str = " ") -> tuple[str, list]:
-    """Join ``units`` with each needle inserted at the unit boundary nearest ``depth`` of the filler's characters;
-    returns the text and the needles' character spans."""
-    ends = list(itertools.accumulate(len(u) + len(sep) for u in units))
-    total = ends[-1] if ends else 0
-    slots = sorted(zip((bisect.bisect_left(ends, d * total) for d in depths), range(len(needles))))
-    pieces, spans, length, placed = [], [None] * len(needles), 0, 0
-    for index in range(len(units) + 1):
-        while placed < len(slots) and slots[placed][0] == index:
-            needle = needles[slots[placed][1]]
-            spans[slots[placed][1]] = (length, length + len(needle))
-            pieces.append(needle)
-            length += len(needle) + len(sep)
-            placed += 1
-        if index < len(units):
-            pieces.append(units[index])
-            length += len(units[index]) + len(sep)
-    return sep.join(pieces), spans
+def place_needles(
+    prefix: str, filler: Filler, end: int, needles: Sequence[str], depths: Sequence[float]
+) -> tuple[str, list[tuple[int, int]]]:
+    """``prefix`` then the filler's first ``end`` characters with each needle at the slot whose position in the
+    result is nearest ``depth`` (a fraction of the whole text); returns the text and each needle's span."""
+    slots = filler.slots_before(end)
+    if not slots:
+        raise ValueError("the haystack is too short to hold a needle")
+    total = len(prefix) + end + sum(len(needle) + 1 for needle in needles)
+    shift, floor, placed = len(prefix), 0, []
+    for k in sorted(range(len(needles)), key=lambda k: depths[k]):
+        want = depths[k] * total - shift  # the filler offset that puts this needle's start at its depth
+        i = bisect.bisect_left(slots, want)
+        near = min(slots[max(i - 1, 0) : i + 1], key=lambda s: abs(s - want))
+        floor = max(floor, near)
+        placed.append((floor, k))
+        shift += len(needles[k]) + 1
+    pieces, spans, cursor, length = [prefix], [(0, 0)] * len(needles), 0, len(prefix)
+    for slot, k in placed:
+        pieces.append(filler.text[cursor:slot])
+        length += slot - cursor
+        spans[k] = (length, length + len(needles[k]))
+        pieces += [needles[k], filler.separator(slot)]
+        length += len(needles[k]) + 1
+        cursor = slot
+    pieces.append(filler.text[cursor:end])
+    return "".join(pieces), spans
 
 
-def fit_units(
-    tokenizer: PreTrainedTokenizerBase, build: Callable[[int], Sample], target: int, start: int = 16
-) -> Sample:
-    """The sample built from the number of units whose prompt length is closest to ``target`` tokens."""
-    count, best, tried = max(1, start), None, {}
-    for _ in range(12):
-        if count in tried:
-            break
-        sample = build(count)
-        error = prompt_tokens(tokenizer, sample) - target
-        tried[count] = (abs(error), sample)
-        if best is None or abs(error) < best[0]:
-            best = (abs(error), sample)
-        if error == 0:
-            break
-        per_unit = max(1e-3, (prompt_tokens(tokenizer, sample) - prompt_tokens(tokenizer, build(0))) / count)
-        count = max(1, count - round(error / per_unit))
-    return best[1]
+def fit_count(length_of: Callable[[int], int], target: int, low: int, guess: int) -> int:
+    """The count from ``low`` up whose length is nearest ``target``, for a length that grows with the count.
+
+    Interpolation search: a handful of measurements when the length is close to linear in the count, as token
+    counts of repeated units are. Fails when even the nearest length misses ``target`` by more than `TOLERANCE`.
+    """
+    seen: dict[int, int] = {}
+
+    def at(count: int) -> int:
+        if count not in seen:
+            seen[count] = length_of(count)
+        return seen[count]
+
+    a, b = low, max(guess, low + 1)
+    if at(a) < target:
+        while at(b) < target:  # extrapolate past the target with a margin
+            slope = max((at(b) - at(a)) / (b - a), 1e-3)
+            a, b = b, b + int(1.1 * (target - at(b)) / slope) + 1
+        for _ in range(64):
+            if b - a <= 1:
+                break
+            x = a + round((target - at(a)) * (b - a) / max(at(b) - at(a), 1))
+            x = min(max(x, a + 1), b - 1)
+            if at(x) == target:
+                break
+            a, b = (x, b) if at(x) < target else (a, x)
+    best = min(seen, key=lambda count: (abs(seen[count] - target), count))
+    if abs(seen[best] - target) > TOLERANCE * target:
+        raise ValueError(f"cannot fit {target} tokens: the nearest length is {seen[best]}")
+    return best
+
+
+def context_budget(tokenizer: PreTrainedTokenizerBase, context_length: int, question: str, answer_prefix: str) -> int:
+    """Tokens left for the context once the question and answer prefix (tokenized on their own) are counted."""
+    return context_length - len(tokenizer(question + answer_prefix, add_special_tokens=False).input_ids)
+
+
+def fit_context(
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: int,
+    filler: Filler,
+    needles: Sequence[str],
+    depths: Sequence[float],
+    prefix: str = "",
+) -> tuple[str, list[tuple[int, int]]]:
+    """A context of ``tokens`` tokens: ``prefix``, then haystack with the needles at their depths; and their spans."""
+    low = 1 + bisect.bisect_right(filler.ends, filler.slots[0]) if filler.end(1) and filler.slots else 1
+
+    def build(units: int) -> tuple[str, list[tuple[int, int]]]:
+        return place_needles(prefix, filler, filler.end(units), needles, depths)
+
+    units = fit_count(lambda units: len(tokenizer(build(units)[0]).input_ids), tokens, low, guess=tokens // 4)
+    return build(units)

@@ -41,7 +41,7 @@ VERBS = tuple(
     """
     bake balance bounce breathe build carve chase chop climb collect cook crawl dance dig dive drift drink dream
     explore fetch fish float fly fold gallop gather giggle glide grow hike hop hum hunt invent juggle jump kneel knit
-    laugh launch listen march melt mend mix nibble observe paddle paint pedal plant play polish pour pray pull push
+    laugh launch listen march melt mend mix nibble observe paint pedal plant play polish pour pray pull push
     race read repair rescue ride roam row run sail scrub search sew shiver shout sing sip skate sketch ski sleep
     slide smile sneeze sniff sparkle spin splash sprint stitch stretch stroll swim swing tickle travel trot tumble
     twirl wander wash whisper wiggle wink wobble write yawn yell

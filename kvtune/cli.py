@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 import kvtune.config  # noqa: F401  (registers the structured configs)
 
+COMMAND_ENV = "KVTUNE_COMMAND"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -131,15 +133,19 @@ def run_fit(cfg) -> dict:
 
 
 def main() -> None:
+    # A rank relaunched by Lightning's DDP re-runs this program with the overrides only (Hydra has consumed the
+    # subcommand): the subcommand travels in the environment, which child processes inherit.
+    inherited = os.environ.get(COMMAND_ENV)
+    if inherited and (len(sys.argv) < 2 or sys.argv[1] not in {**COMMANDS, **PLAIN_COMMANDS}):
+        sys.argv.insert(1, inherited)
     if len(sys.argv) < 2 or sys.argv[1] not in {**COMMANDS, **PLAIN_COMMANDS}:
         print(f"usage: kvtune {{{','.join([*COMMANDS, *PLAIN_COMMANDS])}}} key=value ...", file=sys.stderr)
         raise SystemExit(2)
-    command = sys.argv[1]
+    command = sys.argv.pop(1)
     if command in PLAIN_COMMANDS:
-        PLAIN_COMMANDS[command](sys.argv[2:])
+        PLAIN_COMMANDS[command](sys.argv[1:])
         return
-    # Hydra parses sys.argv: the subcommand moves into argv[0] (kept for relaunches) and out of the overrides.
-    sys.argv = [f"{sys.argv[0]} {command}", *sys.argv[2:]]
+    os.environ[COMMAND_ENV] = command
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(COMMANDS[command])()
 
 

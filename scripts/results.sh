@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every measured table of docs/results.md on the embedded model (2-core CPU: about two hours).
+# Regenerates every measured table of docs/results.md on the embedded model (2-core CPU: about 90 minutes).
 #   scripts/results.sh            # everything
 #   scripts/results.sh bench      # one part: grid | perplexity | passkey | bench
 # Each part writes a folder under docs/results/ (results.jsonl, results.md, results.png or bench.json), then
@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=docs/results
+# `full` ignores the budget (the dashed line of the plots): a sweep computes it once per task and reuses it
 FREE=full,random,streaming_llm,h2o,snapkv,pyramidkv,adakv_snapkv,adakv_pyramidkv,kvmerger,lighttransfer
 METHODS=$FREE,lighttransfer+adakv_snapkv
 PARTS=${*:-passkey bench grid perplexity}
@@ -21,7 +22,7 @@ for part in $PARTS; do
         budget=128,256,512,1024 context_length=4096 samples=5 hydra.sweep.dir=$OUT/grid_4k -m ;;
     perplexity)  # chunked perplexity (512-token chunks, compression between them) on 4K-token stdlib windows
       rm -rf $OUT/perplexity_4k
-      $BIN/kvtune eval task=perplexity method=$FREE budget=128,256,512,1024 context_length=4096 samples=2 \
+      $BIN/kvtune eval task=perplexity method=$FREE budget=128,256,512,1024 context_length=4096 samples=1 \
         hydra.sweep.dir=$OUT/perplexity_4k -m ;;
     passkey)  # issue 2's report: passkey at ~3.5K tokens, question-agnostic and question-aware
       rm -rf $OUT/passkey_3500
@@ -30,7 +31,7 @@ for part in $PARTS; do
     bench)  # speed and memory at 8K tokens, every method against full in one run
       mkdir -p $OUT
       $BIN/kvtune bench "methods=[${METHODS}]" budgets=[512] context_lengths=[8192] batch_sizes=[1] \
-        decode_tokens=16 output=$OUT/bench_8k.json ;;
+        decode_tokens=8 output=$OUT/bench_8k.json ;;
     *) echo "unknown part $part (grid | perplexity | passkey | bench)"; exit 2 ;;
   esac
 done

@@ -40,6 +40,7 @@ class _Batch:
 
 
 _recordings: dict[tuple, list[_Batch]] = {}
+_full_results: dict[tuple, dict[str, Any]] = {}
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -312,11 +313,16 @@ def evaluate(
     items = task.samples(tokenizer, context_length, samples, seed)
     progress = tqdm(total=len(items), desc=f"{task.name} {method} {budget or ratio or 'all'}", unit="sample")
     method_kwargs = dict(method_kwargs or {})
+    key = (id(model), task.name, task_key, context_length, samples, seed, batch_size, question_aware)
+    # `full` keeps everything whatever the budget: a sweep's rows for other budgets reuse its first result
+    reuse = (key, max_new_tokens, tuple(sorted(method_kwargs.items()))) if method == "full" else None
     with progress:
-        if getattr(task, "kind", "qa") == "perplexity":
+        if reuse in _full_results:
+            result = _full_results[reuse]
+            progress.update(len(items))
+        elif getattr(task, "kind", "qa") == "perplexity":
             result = _perplexity(model, task, items, method, budget, ratio, method_kwargs, batch_size, progress)
         else:
-            key = (id(model), task.name, task_key, context_length, samples, seed, batch_size, question_aware)
             result = _qa(
                 model,
                 tokenizer,
@@ -332,6 +338,9 @@ def evaluate(
                 max_new_tokens,
                 progress,
             )
+    if reuse is not None:
+        _full_results.clear()
+        _full_results[reuse] = result
     return {
         "task": task.name,
         "method": method,

@@ -12,15 +12,19 @@ import bisect
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
 from kvtune.eval.corpus import corpus_text
 
-NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-NOISE = " ".join(NOISE_SENTENCES)
+NOISE_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 HAYSTACKS = ("noise", "natural")
 TOLERANCE = 0.02  # the largest relative miss of a fitted length before generation gives up
 
@@ -39,23 +43,36 @@ def _corpus(corpus: str | None) -> str:
 
 
 class Filler:
-    """Haystack text read lazily in whole units, with the offsets where a needle may go."""
+    """Haystack text read lazily in whole units, with the offsets where a needle may go.
 
-    def __init__(self, haystack: str, rng: random.Random, corpus: str | None = None) -> None:
+    Natural text starts at the first line after an offset drawn from ``rng`` (the corpus's start without one).
+    """
+
+    def __init__(self, haystack: str, rng: random.Random | None = None, corpus: str | None = None) -> None:
         if haystack not in HAYSTACKS:
             raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
         self.natural = haystack == "natural"
-        self.text, self.ends, self.slots = "", [], []
+        self.text, self.ends, self.slots, self._chars = "", [], [], 512
+        self._stream, self._start = "", 0
         if self.natural:
-            stream = _corpus(corpus)
-            line = stream.find("\n", rng.randrange(len(stream))) + 1  # start on a whole line (0 when none follows)
-            self._stream, self._start = stream, line
+            self._stream = _corpus(corpus)
+            offset = rng.randrange(len(self._stream)) if rng else 0
+            self._start = self._stream.find("\n", offset) + 1  # a whole line (the corpus's start when none follows)
+        self._read()
 
     def end(self, units: int) -> int:
         """The character offset just after the first ``units`` units, reading more text as needed."""
         while len(self.ends) < units:
-            self._read(max(4 * units, 2 * len(self.ends), 64))
+            self._read()
         return self.ends[units - 1] if units else 0
+
+    def fewest_units(self) -> int:
+        """The fewest units that leave room for a needle."""
+        while not self.slots:
+            if self._chars > 64 * len(self._stream):
+                raise ValueError("the corpus has no line or sentence break to put a needle at")
+            self._read()
+        return bisect.bisect_right(self.ends, self.slots[0]) + 1
 
     def slots_before(self, end: int) -> list[int]:
         """Needle offsets inside the first ``end`` characters (a needle always has haystack after it)."""
@@ -65,17 +82,18 @@ class Filler:
         """What follows a needle at ``slot``: a line break in line-broken text, else a space."""
         return "\n" if slot and self.text[slot - 1] == "\n" else " "
 
-    def _read(self, units: int) -> None:
+    def _read(self) -> None:
+        """Read twice as many characters as last time."""
+        self._chars *= 2
         if not self.natural:
-            self.text = " ".join(NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(units))
+            self.text = " ".join(NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(self._chars // 16))
             self.ends = [m.end() for m in re.finditer(r"\.", self.text)]
             self.slots = [0] + [end + 1 for end in self.ends[:-1]]
             return
-        chars = 8 * units  # words of prose or code average well under 8 characters with their spacing
-        text = self._stream[self._start : self._start + chars]
-        while len(text) < chars:  # wrap around the corpus
-            text += "\n\n" + self._stream[: chars - len(text) - 2]
-        # A word or boundary touching the window's edge may continue past it: keep only those inside.
+        text = self._stream[self._start : self._start + self._chars]
+        while len(text) < self._chars:  # wrap around the corpus
+            text += "\n\n" + self._stream[: self._chars - len(text) - 2]
+        # A word or a break touching the window's edge may continue past it: keep only those inside.
         self.text = text
         self.ends = [m.end() for m in _WORD.finditer(text) if m.end() < len(text)]
         self.slots = [m.end() for m in _BOUNDARY.finditer(text) if m.end() < len(text)]
@@ -156,10 +174,11 @@ def fit_context(
     prefix: str = "",
 ) -> tuple[str, list[tuple[int, int]]]:
     """A context of ``tokens`` tokens: ``prefix``, then haystack with the needles at their depths; and their spans."""
-    low = 1 + bisect.bisect_right(filler.ends, filler.slots[0]) if filler.end(1) and filler.slots else 1
 
     def build(units: int) -> tuple[str, list[tuple[int, int]]]:
         return place_needles(prefix, filler, filler.end(units), needles, depths)
 
-    units = fit_count(lambda units: len(tokenizer(build(units)[0]).input_ids), tokens, low, guess=tokens // 4)
-    return build(units)
+    def length(units: int) -> int:
+        return len(tokenizer(build(units)[0]).input_ids)
+
+    return build(fit_count(length, tokens, filler.fewest_units(), tokens // 4))

@@ -20,10 +20,14 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION, PREFIX = " What is the pass key?", " The pass key is"
 
 
+def passkey_needle(key: int) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+
 def passkey_context(repeats: int, key: int, depth: float) -> tuple[str, tuple[int, int]]:
     """Intro, ``repeats`` filler blocks, the needle after ``round(repeats * depth)`` of them; the needle's span."""
     at = round(repeats * depth)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = passkey_needle(key)
     head = INTRO + FILLER * at
     return head + needle + FILLER * (repeats - at), (len(head), len(head) + len(needle))
 
@@ -32,6 +36,12 @@ def passkey_context(repeats: int, key: int, depth: float) -> tuple[str, tuple[in
 class Passkey:
     name = "passkey"
     max_new_tokens = 8
+
+    def __init__(self, haystack: str = "noise") -> None:
+        if haystack != "noise":
+            raise ValueError(
+                "passkey keeps the classic repeated filler; for natural text use niah_single haystack=natural"
+            )
 
     def samples(self, tokenizer: PreTrainedTokenizerBase, context_length: int, n: int, seed: int) -> list[Sample]:
         filler_tokens = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
@@ -42,7 +52,8 @@ class Passkey:
             repeats = max(1, context_length // filler_tokens)
             while True:  # the filler's token count is near constant: one or two corrections land on the target
                 context, span = passkey_context(repeats, key, depth)
-                sample = Sample(context, QUESTION, PREFIX, [f" {key}."], {"key": key, "depth": depth, "needle": span})
+                meta = {"key": key, "depths": [depth], "needles": [span]}
+                sample = Sample(context, QUESTION, PREFIX, [f" {key}."], meta)
                 error = prompt_tokens(tokenizer, sample) - context_length
                 step = round(error / filler_tokens)
                 if step == 0 or repeats - step < 1:

@@ -18,8 +18,8 @@ for part in $PARTS; do
   case $part in
     grid)  # the quality grid: 4 needle tasks x every method x 4 budgets on 4K-token prompts (one prefill per sample)
       rm -rf $OUT/grid_4k
-      $BIN/kvtune eval task=passkey,niah_single,niah_multikey,variable_tracking method=$METHODS \
-        budget=128,256,512,1024 context_length=4096 samples=5 hydra.sweep.dir=$OUT/grid_4k -m ;;
+      $BIN/kvtune eval task=passkey,niah_single,niah_multikey,variable_tracking method=$FREE \
+        budget=128,256,512,1024 context_length=4096 samples=4 hydra.sweep.dir=$OUT/grid_4k -m ;;
     perplexity)  # chunked perplexity (512-token chunks, compression between them) on 4K-token stdlib windows
       rm -rf $OUT/perplexity_4k
       $BIN/kvtune eval task=perplexity method=$FREE budget=128,256,512,1024 context_length=4096 samples=1 \

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtune.api import append_tails, greedy, left_pad, new_cache, prefill, tokenize_prompts
+from kvtune.api import PromptTokens, append_tails, greedy, left_pad, new_cache, prefill, tokenize_prompts
 from kvtune.cache import KVCache
 from kvtune.eval.tasks import Sample, Task
 from kvtune.methods import build
@@ -48,6 +48,21 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+def _prompts(tokenizer: PreTrainedTokenizerBase, samples: list[Sample], question_aware: bool) -> PromptTokens:
+    return tokenize_prompts(
+        tokenizer,
+        [s.context for s in samples],
+        [s.question for s in samples],
+        [s.answer_prefix for s in samples],
+        question_aware,
+    )
+
+
+def _with_window(method_kwargs: dict[str, Any], window: int | None) -> dict[str, Any]:
+    """A question-aware prompt's question is the observation window unless the caller set one."""
+    return method_kwargs if window is None else {"window": window, **method_kwargs}
+
+
 def _recorded_batches(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -64,13 +79,7 @@ def _recorded_batches(
     batches = []
     for chunk in _batches(samples, batch_size):
         start = time.perf_counter()
-        prompt = tokenize_prompts(
-            tokenizer,
-            [s.context for s in chunk],
-            [s.question for s in chunk],
-            [s.answer_prefix for s in chunk],
-            question_aware,
-        )
+        prompt = _prompts(tokenizer, chunk, question_aware)
         ids, mask = left_pad(prompt.heads, tokenizer.pad_token_id)
         keep = max(KEEP_QUERIES, prompt.window or 0)
         recording = RecordedPrefill(model, ids, mask, keep_queries=keep)
@@ -133,9 +142,7 @@ def _compressed_batches(
     plain_full = method == "full" and budget is None and ratio is None
     if plain_full or getattr(build(method, budget=budget, ratio=ratio, **method_kwargs), "replayable", True):
         for batch in _recorded_batches(model, tokenizer, samples, key, batch_size, question_aware, progress):
-            kwargs = dict(method_kwargs)
-            if batch.window is not None:
-                kwargs.setdefault("window", batch.window)
+            kwargs = _with_window(method_kwargs, batch.window)
             recording = batch.recording
             cache = (
                 copy.deepcopy(recording.cache) if plain_full else recording.compress(method, budget, ratio, **kwargs)
@@ -147,16 +154,8 @@ def _compressed_batches(
         return
     for chunk in _batches(samples, batch_size):
         start = time.perf_counter()
-        prompt = tokenize_prompts(
-            tokenizer,
-            [s.context for s in chunk],
-            [s.question for s in chunk],
-            [s.answer_prefix for s in chunk],
-            question_aware,
-        )
-        kwargs = dict(method_kwargs)
-        if prompt.window is not None:
-            kwargs.setdefault("window", prompt.window)
+        prompt = _prompts(tokenizer, chunk, question_aware)
+        kwargs = _with_window(method_kwargs, prompt.window)
         policy = build(method, budget=budget, ratio=ratio, **kwargs)
         cache = new_cache(model, policy)
         ids, mask = left_pad(prompt.heads, tokenizer.pad_token_id)

@@ -93,13 +93,16 @@ class LoCoCoMethodConfig:
     kernel_size: int = 21
     lambda_init: float = 0.5
     init_std: float = 1.0
+    local_len: int = 0  # most recent entries always kept verbatim (the official code's local_len)
     buffer: int = 16
-    trainable: str = "compressor"  # or compressor+embed_norm
+    trainable: str = "compressor"  # "+"-joined parts of {compressor, embed_norm, lora}; compressor is required
+    lora_r: int = 8  # LoRA on q/k/v/o when trainable includes lora (the paper's extension recipe: r=8, alpha=16)
+    lora_alpha: int = 16
 
 
 @dataclass
 class FitDataConfig:
-    source: str | None = None  # None: the offline stdlib corpus; a text file/folder; or hf:NAME through datasets
+    source: str = "stdlib_train"  # the offline training corpus (held out from eval's); a text file/folder; hf:NAME
     chunks: int = 8  # P: chunks per training sequence (sequence length = block_size * chunks)
     val_fraction: float = 0.1
     batch_size: int = 1

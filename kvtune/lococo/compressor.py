@@ -3,7 +3,8 @@
 Faithful to the official code (``memory_compressor.py``): half of the ``mem_size`` slots keep the entries with the
 highest attention scores verbatim; the other half are convex-ish mixtures of the remaining entries, with weights
 ``W = (1 - λ) · R + λ · softmax(ReLU(Conv1d(concat(K, V))))`` over tokens, where ``R`` is a one-hot pick of the
-next-best entries and λ a learnable scalar. The same weights fuse keys and values. Deliberate differences, each
+next-best entries and λ a learnable scalar. The same weights fuse keys and values; the official ``local_len`` option
+forces the most recent entries into the verbatim half. Deliberate differences, each
 documented in `docs/lococo.md`: scores and compression per KV head (GQA), an explicit bias initialisation, rows
 with padding or fewer valid entries than slots handled exactly.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvtune.methods.base import protect_recent
 
 
 def _valid_first(mask: torch.Tensor) -> torch.Tensor:
@@ -36,6 +39,7 @@ class LoCoCoCompressor(nn.Module):
         kernel_size: int = 21,
         lambda_init: float = 0.5,
         init_std: float = 1.0,
+        local_len: int = 0,
     ) -> None:
         super().__init__()
         if mem_size < 2:
@@ -47,8 +51,12 @@ class LoCoCoCompressor(nn.Module):
         self.mem_size = mem_size
         self.fused = int(mem_size * (1.0 - keep_rate))
         self.verbatim = mem_size - self.fused
+        if not 0 <= local_len <= self.verbatim:
+            raise ValueError(f"local_len must lie in [0, {self.verbatim}] (the verbatim slots), got {local_len}")
+        self.local_len = local_len
         self.conv = nn.Conv1d(2 * head_dim, self.fused, kernel_size, padding=kernel_size // 2)
-        self.blend = nn.Parameter(torch.tensor(float(lambda_init)))
+        # shape [1] as in the official code (a 0-dim parameter breaks DeepSpeed's broadcast)
+        self.blend = nn.Parameter(torch.tensor([float(lambda_init)]))
         self.init_std = init_std
         self.reset_parameters()
 
@@ -75,12 +83,14 @@ class LoCoCoCompressor(nn.Module):
         """Compress ``[B, H_kv, L, d]`` entries to ``mem_size`` slots per head: ``(keys, values, counts)``.
 
         ``scores`` (``[B, H_kv, L]``) is the attention each entry received from the last forward's queries;
-        ``valid`` marks real entries. Slots are ordered [verbatim | fused]. Rows holding ``mem_size`` entries or
-        fewer keep them all (``counts`` says how many of the slots are real).
+        ``valid`` marks real entries. Slots are ordered [verbatim | fused]; the last ``local_len`` valid entries are
+        always verbatim. Rows holding ``mem_size`` entries or fewer keep them all (``counts`` says how many of the
+        slots are real).
         """
         counts = valid.sum(dim=-1)
         scores = scores.float().masked_fill(~valid, float("-inf"))
-        verbatim = scores.topk(self.verbatim, dim=-1).indices.sort(dim=-1).values
+        ranked = protect_recent(scores, valid, self.local_len) if self.local_len else scores
+        verbatim = ranked.topk(self.verbatim, dim=-1).indices.sort(dim=-1).values
         rest = valid.clone().scatter_(-1, verbatim, False)
         order = _valid_first(rest)  # the remaining entries, contiguous and in cache order, as the conv expects
         width = int(rest.sum(dim=-1).max())

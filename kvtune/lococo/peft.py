@@ -7,6 +7,8 @@ folded into base weights, so there is no merge.
 
 The wrapper changes nothing in the attention computation: it hands its compressor to kvtune's attention backend
 (the ``kvtune_adapter`` keyword), where the `lococo` method (`kvtune.methods.lococo`) compresses the cache with it.
+With ``lora_r > 0`` (the context-extension recipe) the attention's projections also get PEFT's own LoRA layers; they
+are tuner layers too, so one adapter folder saves, loads and trains compressors and LoRA together.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import peft.mapping
+from peft import LoraConfig
 from peft.config import PeftConfig
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -34,10 +39,17 @@ class LoCoCoConfig(PeftConfig):
     kernel_size: int = field(default=21, metadata={"help": "Conv1d kernel over tokens"})
     lambda_init: float = field(default=0.5, metadata={"help": "initial blend of soft weights vs one-hot residual"})
     init_std: float = field(default=1.0, metadata={"help": "std of the conv weights at initialisation"})
+    local_len: int = field(default=0, metadata={"help": "most recent entries always kept verbatim (official ℓ)"})
     buffer: int = field(default=16, metadata={"help": "entries held beyond mem_size before compression fires"})
     position_interpolation: float = field(default=1.0, metadata={"help": "linear RoPE scaling factor trained with"})
     target_modules: list[str] | str | None = field(
         default_factory=lambda: ["self_attn"], metadata={"help": "attention modules that get a compressor"}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the attention projections (0: no LoRA)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "projections of each attention module that get LoRA"},
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "base modules trained and saved too (embeddings and norms)"}
@@ -46,6 +58,14 @@ class LoCoCoConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+
+    def lora_config(self) -> LoraConfig:
+        """The LoRA part as PEFT's own config (the paper's: no dropout, no bias)."""
+        return LoraConfig(
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=self.lora_target_modules
+        )
 
 
 class LoCoCoLayer(nn.Module, BaseTunerLayer):
@@ -78,8 +98,22 @@ class LoCoCoLayer(nn.Module, BaseTunerLayer):
             kernel_size=config.kernel_size,
             lambda_init=config.lambda_init,
             init_std=config.init_std,
+            local_len=config.local_len,
         ).to(device=weight.device, dtype=weight.dtype)
+        if config.lora_r > 0:
+            self._add_lora(adapter_name, config)
         self.set_adapter(self.active_adapters)
+
+    def _add_lora(self, adapter_name: str, config: LoCoCoConfig) -> None:
+        lora = config.lora_config()
+        for name in config.lora_target_modules:
+            projection = getattr(self.base_layer, name, None)
+            if projection is None:
+                raise ValueError(f"{type(self.base_layer).__name__} has no projection {name!r} to put LoRA on")
+            if isinstance(projection, LoraLayer):
+                projection.update_layer(adapter_name, lora.r, lora_alpha=lora.lora_alpha, config=lora)
+            else:
+                setattr(self.base_layer, name, LoraLinear(projection, adapter_name, lora, lora.r, lora.lora_alpha))
 
     def forward(self, *args, **kwargs):
         active = [name for name in self.active_adapters if name in self.lococo_compressor]

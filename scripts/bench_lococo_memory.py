@@ -31,7 +31,7 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     import kvtune
     from kvtune.eval.corpus import corpus_text
     from kvtune.lococo import LoCoCoConfig
-    from kvtune.train.module import ChunkedLM
+    from kvtune.train.module import chunked_losses
 
     model, tokenizer = kvtune.load_model("embedded")
     factor = max(1.0, length / model.config.max_position_embeddings)
@@ -48,9 +48,7 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if mode == "lococo":
-        module = ChunkedLM(model, block_size=block_size)
-        module.manual_backward = lambda loss: loss.backward()  # outside a Trainer
-        losses = module.chunk_losses(ids, train=True)
+        losses = chunked_losses(model, ids, block_size, backward=torch.Tensor.backward)
         loss = sum(losses) / len(losses)
     else:
         logits = model(input_ids=ids, use_cache=False).logits

@@ -58,8 +58,11 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
     # the same 6-step schedule, stopped after 3 steps and resumed from its last checkpoint
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits with status 1
         fit(_config(tmp_path / "resumed", "trainer.max_steps=6"), tmp_path / "resumed", callbacks=[CtrlC(at_step=3)])
-    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "resumed" / "checkpoints" / "interrupted.ckpt").is_file()
+    with pytest.raises(FileExistsError, match="ckpt_path=last"):  # never trained into afresh by accident
+        fit(_config(tmp_path / "resumed", "trainer.max_steps=6"), tmp_path / "resumed")
     fit(_config(tmp_path / "resumed", "trainer.max_steps=6", "ckpt_path=last"), tmp_path / "resumed")
+    assert (tmp_path / "straight" / "checkpoints" / "last.ckpt").is_file()  # a finished run keeps its last state
     straight, resumed = _adapter(tmp_path / "straight"), _adapter(tmp_path / "resumed")
     assert straight.keys() == resumed.keys() and straight
     for name in straight:

@@ -1,8 +1,10 @@
 """`kvtune fit`: build the model with its adapters, the data and the Lightning trainer from a config, then train.
 
 The config is data (`kvtune.config.FitConfig`, recipes under `recipes/`); this module turns it into objects.
-Interrupting (Ctrl-C or SIGTERM) saves ``last.ckpt`` before exiting; ``ckpt_path=last`` resumes from it exactly
-(optimiser, scheduler, RNG and the position inside the epoch).
+Checkpoints (adapters only) go to ``RUN/checkpoints``: ``last.ckpt`` every ``checkpoint_every`` steps and
+``interrupted.ckpt`` when Ctrl-C or SIGTERM stops the run. ``ckpt_path=last`` resumes from the newer of the two
+exactly (optimiser, scheduler, RNG and the position inside the epoch). A run directory that already holds
+checkpoints is never trained into afresh by accident: resume it or pick another directory.
 """
 
 from __future__ import annotations
@@ -20,20 +22,34 @@ from peft import get_peft_model
 from kvtune.lococo import LoCoCoConfig
 from kvtune.models import load_model
 from kvtune.train.data import TextDataModule
+from kvtune.train.deepspeed import save_adapter, zero_stage_3
 from kvtune.train.module import ChunkedLM
 
 EMBED_NORM_MODULES = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
-TRAINABLE_SETS = ("compressor", "compressor+embed_norm")
+TRAINABLE_PARTS = ("compressor", "embed_norm", "lora")
 
 
-def build_adapted_model(cfg: DictConfig):
-    """Base model (frozen) with LoCoCo compressors (and embeddings/norms when asked) as a PEFT model."""
+def trainable_parts(spec: str) -> set[str]:
+    """``"compressor+embed_norm+lora"`` -> its parts, checked: the compressor always trains."""
+    parts = set(spec.split("+"))
+    if "compressor" not in parts or not parts <= set(TRAINABLE_PARTS):
+        raise ValueError(
+            f"method.trainable must join parts of {TRAINABLE_PARTS} with '+', compressor included; got {spec!r}"
+        )
+    return parts
+
+
+def build_adapted_model(cfg: DictConfig, model=None, tokenizer=None):
+    """Base model (frozen) with LoCoCo compressors, plus embeddings/norms and LoRA when asked, as a PEFT model.
+
+    ``model``/``tokenizer`` replace loading ``cfg.model.name`` (tests pass a tiny model built in-process).
+    """
     method = cfg.method
-    if method.trainable not in TRAINABLE_SETS:
-        raise ValueError(f"method.trainable must be one of {TRAINABLE_SETS}, got {method.trainable!r}")
-    model, tokenizer = load_model(
-        cfg.model.name, dtype=cfg.model.dtype, position_interpolation=cfg.model.position_interpolation
-    )
+    parts = trainable_parts(method.trainable)
+    if model is None:
+        model, tokenizer = load_model(
+            cfg.model.name, dtype=cfg.model.dtype, position_interpolation=cfg.model.position_interpolation
+        )
     config = LoCoCoConfig(
         mem_size=method.mem_size,
         block_size=method.block_size,
@@ -41,22 +57,31 @@ def build_adapted_model(cfg: DictConfig):
         kernel_size=method.kernel_size,
         lambda_init=method.lambda_init,
         init_std=method.init_std,
+        local_len=method.local_len,
         buffer=method.buffer,
         position_interpolation=cfg.model.position_interpolation,
-        modules_to_save=EMBED_NORM_MODULES if method.trainable == "compressor+embed_norm" else None,
+        lora_r=method.lora_r if "lora" in parts else 0,
+        lora_alpha=method.lora_alpha,
+        modules_to_save=EMBED_NORM_MODULES if "embed_norm" in parts else None,
     )
     return get_peft_model(model, config), tokenizer
 
 
-def fit(cfg: DictConfig, output_dir: str | Path, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
+def fit(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    callbacks: list[pl.Callback] | None = None,
+    base_model=None,
+    tokenizer=None,
+) -> dict[str, Any]:
     """Train as ``cfg`` says; checkpoints and logs under ``output_dir``. Returns the final logged metrics.
 
     ``callbacks`` are added to the trainer's own (checkpointing every ``checkpoint_every`` steps and on
-    interruption).
+    interruption); ``base_model``/``tokenizer`` replace loading ``cfg.model.name``.
     """
     output_dir = Path(output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = build_adapted_model(cfg)
+    model, tokenizer = build_adapted_model(cfg, base_model, tokenizer)
     data = TextDataModule(
         tokenizer,
         sequence_length=cfg.method.block_size * cfg.data.chunks,
@@ -79,9 +104,11 @@ def fit(cfg: DictConfig, output_dir: str | Path, callbacks: list[pl.Callback] | 
         gradient_checkpointing=cfg.optim.gradient_checkpointing,
     )
     checkpoints = output_dir / "checkpoints"
+    ckpt_path = resume_path(checkpoints, cfg.ckpt_path)
     callbacks = [
         ModelCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=cfg.checkpoint_every),
-        OnExceptionCheckpoint(dirpath=checkpoints, filename="last"),
+        # its own name: Lightning deletes this file when a run ends normally, which must not take last.ckpt along
+        OnExceptionCheckpoint(dirpath=checkpoints, filename="interrupted"),
         *(callbacks or []),
     ]
     logger = instantiate(cfg.logger) if cfg.logger is not None else False
@@ -89,17 +116,31 @@ def fit(cfg: DictConfig, output_dir: str | Path, callbacks: list[pl.Callback] | 
     trainer = pl.Trainer(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(checkpoints / "last.ckpt") if (checkpoints / "last.ckpt").is_file() else None
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
     if trainer.is_global_zero:
-        model.save_pretrained(output_dir / "adapter")
         record = {**OmegaConf.to_container(cfg, resolve=True), "recipe": _recipe_name()}
         (output_dir / "fit_config.json").write_text(json.dumps(record, indent=2))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def resume_path(checkpoints: Path, ckpt_path: str | None) -> str | None:
+    """The checkpoint to resume from: ``"last"`` is the newest in ``checkpoints`` (None when there is none).
+
+    Without ``ckpt_path``, Lightning would quietly resume from an interruption checkpoint it finds; kvtune refuses a
+    run directory with checkpoints instead, so that nothing is resumed or overwritten without being asked.
+    """
+    existing = sorted(checkpoints.glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if ckpt_path == "last":
+        return str(existing[-1]) if existing else None
+    if ckpt_path is None and existing:
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints: resume with ckpt_path=last, or train afresh in another "
+            "run directory (hydra.run.dir=...)"
+        )
+    return ckpt_path
 
 
 def _recipe_name() -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +40,33 @@ def parameter_groups(model: nn.Module, lr_compressor: float, lr_embed_norm: floa
     return [{"params": p, "lr": rates[g], "name": g} for g, p in groups.items() if p]
 
 
+def chunked_losses(
+    model: nn.Module,
+    ids: torch.Tensor,
+    block_size: int,
+    buffer: int = 16,
+    backward: Callable[[torch.Tensor], None] | None = None,
+) -> list[float]:
+    """Feed ``ids`` (``[B, T]``) ``block_size`` tokens at a time through a `lococo` cache; mean loss per chunk.
+
+    With ``backward``, each chunk's loss is handed to it as soon as the chunk is done (Lightning's
+    ``manual_backward``, DeepSpeed's ``engine.backward``, or ``Tensor.backward``), so that at most one chunk's graph
+    is alive: memory does not grow with the sequence. Chunks before the first compression have no trainable tensor
+    on their path (without LoRA) and are not backpropagated.
+    """
+    cache = new_cache(model, build("lococo", chunk=block_size, buffer=buffer))
+    losses = []
+    for start in range(0, ids.shape[1], block_size):
+        piece = ids[:, start : start + block_size]
+        positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        out = model(input_ids=piece, position_ids=positions, past_key_values=cache, use_cache=True)
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), piece[:, 1:].flatten())
+        if backward is not None and loss.requires_grad:
+            backward(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
 class ChunkedLM(LightningModule):
     """Frozen base model plus trainable adapters, trained and validated with chunked compression."""
 
@@ -66,18 +94,9 @@ class ChunkedLM(LightningModule):
 
     def chunk_losses(self, ids: torch.Tensor, train: bool) -> list[float]:
         """Mean loss per chunk of ``ids`` (``[B, T]``); in training each chunk's loss is backpropagated at once."""
-        cache = new_cache(self.model, build("lococo", chunk=self.block_size, buffer=self.buffer))
-        chunks = math.ceil(ids.shape[1] / self.block_size)
-        losses = []
-        for start in range(0, ids.shape[1], self.block_size):
-            piece = ids[:, start : start + self.block_size]
-            positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-            out = self.model(input_ids=piece, position_ids=positions, past_key_values=cache, use_cache=True)
-            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), piece[:, 1:].flatten())
-            if train and loss.requires_grad:  # before the first compression nothing trainable may be on the path
-                self.manual_backward(loss / (chunks * self.accumulate))
-            losses.append(float(loss.detach()))
-        return losses
+        scale = 1.0 / (math.ceil(ids.shape[1] / self.block_size) * self.accumulate)
+        backward = (lambda loss: self.manual_backward(loss * scale)) if train else None
+        return chunked_losses(self.model, ids, self.block_size, self.buffer, backward)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self.chunk_losses(batch, train=True)

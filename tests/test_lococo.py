@@ -149,3 +149,47 @@ def test_generate_and_eval_with_a_saved_adapter_keep_a_fixed_cache(tmp_path):
     adapted = kvtune.load_adapter(base, tmp_path)
     row = evaluate(adapted, tokenizer, task, "lococo", 64, context_length=600, samples=1, method_kwargs={"chunk": 128})
     assert row["kv_bytes"] < 0.2 * row["full_kv_bytes"]
+
+
+def test_local_len_keeps_the_most_recent_entries_verbatim():
+    keys, values, scores = _random_entries(length=40)
+    scores[..., -4:] = -1.0  # the 4 newest entries score worst: only local_len can keep them
+    compressor = LoCoCoCompressor(head_dim=8, mem_size=12, kernel_size=5, local_len=4)
+    with torch.no_grad():
+        compressor.blend.fill_(0.0)
+        out_keys, _, _ = compressor(keys, values, scores, torch.ones_like(scores, dtype=torch.bool))
+    for b in range(2):
+        for h in range(3):
+            kept = torch.cat([scores[b, h, :-4].topk(2).indices, torch.arange(36, 40)]).sort().values
+            assert torch.equal(out_keys[b, h, :6], keys[b, h, kept])
+    with pytest.raises(ValueError, match="local_len"):
+        LoCoCoCompressor(head_dim=8, mem_size=12, local_len=7)  # more than the 6 verbatim slots
+
+
+def test_lora_and_embeddings_train_beside_the_compressors_with_the_papers_rates(tmp_path):
+    from kvtune.train.module import parameter_groups
+
+    torch.manual_seed(0)
+    config = LoCoCoConfig(mem_size=12, block_size=16, kernel_size=5, lora_r=4, modules_to_save=["embed_tokens"])
+    model = get_peft_model(tiny_llama(layers=2), config)
+    groups = {g["name"]: g for g in parameter_groups(model, 5e-2, 2.5e-4, 5e-5)}
+    assert {name: g["lr"] for name, g in groups.items()} == {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
+    assert len(groups["lora"]["params"]) == 2 * 4 * 2  # A and B on q, k, v, o of both layers
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.1)  # LoRA B starts at zero: make the reload check mean something
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(6))
+
+    def score(peft_model):
+        cache = kvtune.new_cache(peft_model, kvtune.methods.build("lococo", chunk=16))
+        return chunked_nll(peft_model, cache, ids, chunk=16)[0]
+
+    reloaded = PeftModel.from_pretrained(tiny_llama(layers=2), tmp_path)
+    assert torch.equal(score(model.eval()), score(reloaded.eval()))
+    with torch.no_grad():
+        for name, parameter in reloaded.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    assert not torch.allclose(score(model), score(reloaded))  # the reloaded LoRA really was in the forward

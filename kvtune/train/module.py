@@ -98,6 +98,18 @@ class ChunkedLM(LightningModule):
         backward = (lambda loss: self.manual_backward(loss * scale)) if train else None
         return chunked_losses(self.model, ids, self.block_size, self.buffer, backward)
 
+    def configure_model(self) -> None:
+        """FSDP2 (``strategy=fsdp2``, Lightning's ModelParallelStrategy): shard each decoder layer, then the rest."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"]
+        for layer in self.model.get_base_model().get_decoder().layers:
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self.chunk_losses(batch, train=True)
         datamodule = self.trainer.datamodule

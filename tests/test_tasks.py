@@ -199,3 +199,10 @@ def test_bad_options_are_refused(embedded_tokenizer):
         build_task("niah_multiquery").samples(embedded_tokenizer, 60, 1, 0)
     with pytest.raises(ValueError, match="common_freq"):
         build_task("common_words", common_freq=3, rare_freq=3)
+
+
+def test_training_text_is_held_out_from_evaluation_text():
+    from kvtune.eval.corpus import corpus_documents
+
+    train, evaluation = set(corpus_documents("stdlib_train")), set(corpus_documents("stdlib"))
+    assert len(train) == 20 and len(evaluation) == 16 and not train & evaluation

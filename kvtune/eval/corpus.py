@@ -1,7 +1,9 @@
 """Natural text that exists on every machine without a download: the Python standard library's own source.
 
-Haystacks and perplexity texts come from here by default (see `data/README.md`). Users can point any task at their
-own corpus (PG19, proof-pile, ...) with ``corpus=PATH``: a text file, or a directory of ``.txt``/``.md`` files.
+Two disjoint named corpora (see `data/README.md`): ``stdlib``, what haystacks and perplexity texts come from, and
+``stdlib_train``, what `kvtune fit` trains on by default, so that evaluation text is held out from training. Users
+can point any task or training run at their own corpus (PG19, proof-pile, ...) with a path: a text file, or a
+directory of ``.txt``/``.md`` files.
 """
 
 from __future__ import annotations
@@ -30,18 +32,43 @@ STDLIB_MODULES = (
     "http.client",
     "asyncio.base_events",
 )
+# Other prose-heavy modules (~340K tokens of the embedded model), none of them in STDLIB_MODULES: training text.
+TRAIN_MODULES = (
+    "os",
+    "shutil",
+    "socket",
+    "ssl",
+    "urllib.request",
+    "configparser",
+    "enum",
+    "tempfile",
+    "pdb",
+    "pickle",
+    "doctest",
+    "optparse",
+    "smtplib",
+    "imaplib",
+    "mailbox",
+    "difflib",
+    "locale",
+    "statistics",
+    "ipaddress",
+    "xml.dom.minidom",
+)
+CORPORA = {"stdlib": STDLIB_MODULES, "stdlib_train": TRAIN_MODULES}
 
 
-def stdlib_text(index: int) -> str:
+def stdlib_text(index: int, modules: tuple[str, ...] = STDLIB_MODULES) -> str:
     """The source of one standard-library module; ``index`` wraps around the fixed module list."""
-    return inspect.getsource(importlib.import_module(STDLIB_MODULES[index % len(STDLIB_MODULES)]))
+    return inspect.getsource(importlib.import_module(modules[index % len(modules)]))
 
 
 @lru_cache(maxsize=8)
 def corpus_documents(corpus: str | None = None) -> tuple[str, ...]:
-    """The documents of a corpus: the standard library (``None``), one text file, or a directory of them."""
-    if corpus is None or corpus == "stdlib":
-        return tuple(stdlib_text(i) for i in range(len(STDLIB_MODULES)))
+    """The documents of a corpus: a named one (``None`` is ``stdlib``), one text file, or a directory of them."""
+    modules = CORPORA.get(corpus or "stdlib")
+    if modules is not None:
+        return tuple(stdlib_text(i, modules) for i in range(len(modules)))
     path = Path(corpus).expanduser()
     if path.is_file():
         return (path.read_text(encoding="utf-8", errors="replace"),)
@@ -49,7 +76,9 @@ def corpus_documents(corpus: str | None = None) -> tuple[str, ...]:
         files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
         if files:
             return tuple(p.read_text(encoding="utf-8", errors="replace") for p in files)
-    raise FileNotFoundError(f"corpus {corpus!r} is neither 'stdlib', a text file, nor a directory of .txt/.md files")
+    raise FileNotFoundError(
+        f"corpus {corpus!r} is neither one of {sorted(CORPORA)}, a text file, nor a directory of .txt/.md files"
+    )
 
 
 def corpus_text(corpus: str | None = None) -> str:

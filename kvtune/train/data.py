@@ -1,8 +1,9 @@
 """Long training sequences: text tokenised, concatenated and cut into sequences of ``block_size * chunks`` tokens.
 
-Sources: the offline natural-text corpus (`kvtune.eval.corpus`, the default), local text files or folders, or a
-`datasets` dataset where a hub is reachable. The sampler's order is a seeded permutation per epoch and the data
-module's state records how far into the epoch training got, so ``ckpt_path=last`` resumes at the exact sequence.
+Sources: the offline training corpus (``stdlib_train`` of `kvtune.eval.corpus`, the default, disjoint from the text
+evaluation uses), local text files or folders, or a `datasets` dataset where a hub is reachable. The sampler's
+order is a seeded permutation per epoch and the data module's state records how far into the epoch training got,
+so ``ckpt_path=last`` resumes at the exact sequence.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def _tokens(tokenizer: PreTrainedTokenizerBase, documents: list[str]) -> list[in
     return [t for doc in documents for t in tokenizer(doc, add_special_tokens=False).input_ids + eos]
 
 
-def load_documents(source: str | None, hub_split: str = "train", text_field: str = "text") -> list[str]:
-    """Documents of ``source``: None/"stdlib" (offline corpus), a text file or folder, or ``hf:NAME`` (datasets)."""
-    if source is not None and source.startswith("hf:"):
+def load_documents(source: str, hub_split: str = "train", text_field: str = "text") -> list[str]:
+    """Documents of ``source``: a named offline corpus, a text file or folder, or ``hf:NAME`` (datasets)."""
+    if source.startswith("hf:"):
         from datasets import load_dataset
 
         try:
@@ -67,7 +68,7 @@ def load_documents(source: str | None, hub_split: str = "train", text_field: str
         except Exception as error:  # no network, unknown name: tell the user what works offline
             raise RuntimeError(
                 f"could not load {source[3:]!r} through datasets ({error}); pass data.source=PATH to local text "
-                "files, or leave it unset for the offline standard-library corpus"
+                "files, or data.source=stdlib_train for the offline training corpus"
             ) from error
         return [row[text_field] for row in dataset]
     return list(corpus_documents(source))
@@ -80,7 +81,7 @@ class TextDataModule(LightningDataModule):
         self,
         tokenizer: PreTrainedTokenizerBase,
         sequence_length: int,
-        source: str | None = None,
+        source: str = "stdlib_train",
         val_fraction: float = 0.1,
         batch_size: int = 1,
         seed: int = 0,

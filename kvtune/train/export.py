@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kvtune.eval.corpus import CORPORA
 from kvtune.models import EMBEDDED
 
 EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantised from
@@ -29,6 +30,7 @@ def model_card(run_dir: Path) -> str:
     name = config.get("model", {}).get("name") or adapter.get("base_model_name_or_path", "unknown")
     base = EMBEDDED_ORIGIN if name == EMBEDDED else name
     method = config.get("method", {})
+    source = config.get("data", {}).get("source")
     lines = [
         "---",
         "library_name: peft",
@@ -48,7 +50,8 @@ def model_card(run_dir: Path) -> str:
         f"keep rate {method.get('keep_rate', '?')}, position interpolation "
         f"{config.get('model', {}).get('position_interpolation', 1.0)}",
         f"- sequences of {method.get('block_size', 0) * config.get('data', {}).get('chunks', 0)} tokens from "
-        f"`{config.get('data', {}).get('source') or 'the Python standard library source (offline corpus)'}`",
+        f"`{config.get('data', {}).get('source', '?')}`"
+        + (" (Python standard-library source, kvtune's offline corpus)" if source in CORPORA else ""),
         f"- steps: {config.get('trainer', {}).get('max_steps', '?')}",
         "",
         "## Metrics",

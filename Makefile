@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+# The README's two commands: `make demo` (train LoCoCo on the embedded model, then evaluate it) and `make test`.
+# Both set up .venv first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(BIN)/kvtune: pyproject.toml
 setup: $(BIN)/kvtune
 
 demo: setup
-	$(BIN)/python scripts/demo.py
+	BIN=$(BIN) scripts/quickstart.sh
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -14,6 +16,23 @@ from transformers.cache_utils import Cache
 from kvtune.attention import use_kvtune_attention
 from kvtune.cache import KVCache
 from kvtune.methods import Policy, build
+
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
+
+
+@cache
+def _cache_keyword(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), CACHE_KEYWORDS[-1])
+
+
+def cache_kwargs(model: PreTrainedModel, cache: Cache | None) -> dict[str, Cache | None]:
+    """``{keyword: cache}`` for ``model(...)``, under the name this transformers release's forward takes.
+
+    PEFT wrappers take ``**kwargs`` and hand them to their base model, so the base model's signature decides.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_keyword(type(base)): cache}
 
 
 def new_cache(model: PreTrainedModel, policy: Policy | None = None) -> KVCache:
@@ -28,19 +47,21 @@ def compress(
 ) -> Iterator[Policy]:
     """Within this block the model's forward passes and `model.generate` compress their KV cache with ``method``.
 
-    A forward without a cache (or with an empty transformers cache) gets a `KVCache`; the ``past_key_values`` it
-    returns is that compressed cache. Every multi-token forward is a prefill and is compressed to the budget;
-    decode-time methods (h2o, streaming_llm, lighttransfer's streaming layers) also evict per generated token.
-    On exit the caches stop compressing but stay valid: further tokens fed through them attend correctly.
+    A forward without a cache (or with an empty transformers cache) gets a `KVCache`; the cache it returns
+    (``past_key_values`` of its output) is that compressed cache. Every multi-token forward is a prefill and is
+    compressed to the budget; decode-time methods (h2o, streaming_llm, lighttransfer's streaming layers) also evict
+    per generated token. On exit the caches stop compressing but stay valid: further tokens fed through them attend
+    correctly.
     """
     policy = build(method, budget=budget, ratio=ratio, **kwargs)
     use_kvtune_attention(model)
     caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
 
     def attach(module, args, call_kwargs):
-        cache = call_kwargs.get("past_key_values")
         if call_kwargs.get("use_cache") is False:
             return None
+        cache = next((call_kwargs[k] for k in CACHE_KEYWORDS if call_kwargs.get(k) is not None), None)
+        call_kwargs = {k: v for k, v in call_kwargs.items() if k not in CACHE_KEYWORDS}
         if cache is None or (
             isinstance(cache, Cache) and not isinstance(cache, KVCache) and cache.get_seq_length() == 0
         ):
@@ -48,7 +69,7 @@ def compress(
         elif isinstance(cache, KVCache) and cache.policy is None:
             cache.policy = policy
         caches.add(cache)
-        return args, {**call_kwargs, "past_key_values": cache}
+        return args, {**call_kwargs, **cache_kwargs(model, cache)}
 
     handle = model.register_forward_pre_hook(attach, with_kwargs=True)
     try:
@@ -164,7 +185,7 @@ def prefill(
             input_ids=input_ids[:, start:end].to(device),
             attention_mask=mask[:, : done + end].to(device),
             position_ids=positions[:, start:end].to(device),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -250,7 +271,7 @@ def greedy(
             input_ids=token[:, None].to(model.device),
             attention_mask=mask.to(model.device),
             position_ids=positions.to(model.device),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
         )
         positions = positions + 1

@@ -17,7 +17,7 @@ import psutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtune.api import new_cache, prefill
+from kvtune.api import cache_kwargs, new_cache, prefill
 from kvtune.eval.corpus import corpus_text
 from kvtune.methods import build
 
@@ -100,7 +100,7 @@ def measure(
                 input_ids=token,
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
             )
             logits, positions = out.logits[:, -1], positions + 1

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtune.api import PromptTokens, append_tails, greedy, left_pad, new_cache, prefill, tokenize_prompts
+from kvtune.api import (
+    PromptTokens,
+    append_tails,
+    cache_kwargs,
+    greedy,
+    left_pad,
+    new_cache,
+    prefill,
+    tokenize_prompts,
+)
 from kvtune.cache import KVCache
 from kvtune.eval.tasks import Sample, Task
 from kvtune.methods import build
@@ -105,7 +114,7 @@ def _answer_nll(
             input_ids=ids[:, :-1].to(model.device),
             attention_mask=full_mask[:, :-1].to(model.device),
             position_ids=positions.to(model.device),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
         )
         all_logits = torch.cat([all_logits, out.logits], dim=1)
@@ -228,7 +237,7 @@ def chunked_nll(
         out = model(
             input_ids=piece.to(model.device),
             position_ids=positions.to(model.device),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
         )
         logits = out.logits.float().cpu()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from kvtune.api import new_cache
+from kvtune.api import cache_kwargs, new_cache
 from kvtune.methods import build
 
 
@@ -59,7 +59,7 @@ def chunked_losses(
     for start in range(0, ids.shape[1], block_size):
         piece = ids[:, start : start + block_size]
         positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-        out = model(input_ids=piece, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(input_ids=piece, position_ids=positions, **cache_kwargs(model, cache), use_cache=True)
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), piece[:, 1:].flatten())
         if backward is not None and loss.requires_grad:
             backward(loss)

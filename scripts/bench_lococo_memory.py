@@ -2,11 +2,12 @@
 
     python scripts/bench_lococo_memory.py [--lengths 4096 8192 16384] [--mem-size 512] [--block-size 512]
 
-Each configuration runs in its own process (peak RSS on CPU, the CUDA allocator's peak on GPU) and trains one
-sequence: LoCoCo feeds it chunk by chunk with a backward per chunk, so its peak should not grow with the length;
-full-sequence fine-tuning (the same trainable compressors, one forward and backward over the whole sequence with
-full attention) grows with it. Positions beyond the model's trained context use linear interpolation (PI).
-Prints a markdown table and writes ``outputs/bench_lococo_memory.json``.
+Each configuration runs in its own process and trains one sequence with compressors plus LoRA r=8 (the extension
+recipe's trainable set). It reports the peak (RSS on CPU, the CUDA allocator's peak on GPU) and the peak above what
+the loaded model already held. LoCoCo feeds the sequence chunk by chunk with a backward per chunk, so its peak
+should not grow with the length; full-sequence fine-tuning (the same trainable tensors, one forward and backward
+over the whole sequence with full attention) grows with it. Positions beyond the model's trained context use
+linear interpolation (PI). Prints a markdown table and writes it with the raw rows to ``--out`` (``.md``, ``.json``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     """Runs in a fresh process: build the model, train one sequence, report the peak."""
+    import psutil
     import torch
     import torch.nn.functional as F
     from peft import get_peft_model
@@ -37,7 +39,8 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     factor = max(1.0, length / model.config.max_position_embeddings)
     if factor > 1.0:
         model, tokenizer = kvtune.load_model("embedded", position_interpolation=factor)
-    model = get_peft_model(model, LoCoCoConfig(mem_size=mem_size, block_size=block_size, init_std=0.02))
+    # the extension recipe's trainable set: compressors plus LoRA r=8 on q/k/v/o
+    model = get_peft_model(model, LoCoCoConfig(mem_size=mem_size, block_size=block_size, init_std=0.02, lora_r=8))
     model.train()
     stream = tokenizer(corpus_text(), add_special_tokens=False).input_ids
     ids = torch.tensor(stream[:length])[None]
@@ -46,6 +49,9 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     ids = ids.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()
     if mode == "lococo":
         losses = chunked_losses(model, ids, block_size, backward=torch.Tensor.backward)
@@ -60,7 +66,15 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "length": length, "peak_mib": peak, "seconds": seconds, "loss": loss, "device": device.type}
+    return {
+        "mode": mode,
+        "length": length,
+        "peak_mib": peak,
+        "above_model_mib": peak - base,
+        "seconds": seconds,
+        "loss": loss,
+        "device": device.type,
+    }
 
 
 def main() -> None:
@@ -69,6 +83,7 @@ def main() -> None:
     parser.add_argument("--full-lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--mem-size", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_lococo_memory"), help="writes OUT.json, OUT.md")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -85,17 +100,33 @@ def main() -> None:
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    print(f"\n| training | sequence | peak MiB | seconds | loss |  (M={args.mem_size}, B={args.block_size})")
-    print("|---|---|---|---|---|")
+    table = markdown(rows, args.mem_size, args.block_size)
+    print("\n" + table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    out.with_suffix(".md").write_text(table)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def markdown(rows: list[dict], mem_size: int, block_size: int) -> str:
+    """Peak memory per (training, length), and each LoCoCo peak against its shortest sequence's."""
+    first = next((r["above_model_mib"] for r in rows if r["mode"] == "lococo" and "error" not in r), None)
+    lines = [
+        f"| training (M={mem_size}, B={block_size}) | sequence | device | peak MiB | above the model, MiB | "
+        "vs LoCoCo at the shortest | seconds | loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if "error" in row:
-            print(f"| {row['mode']} | {row['length']} | failed: {row['error']} | | |")
-        else:
-            cells = f"{row['peak_mib']:.0f} | {row['seconds']:.1f} | {row['loss']:.3f}"
-            print(f"| {row['mode']} | {row['length']} | {cells} |")
-    out = ROOT / "outputs" / "bench_lococo_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+            lines.append(f"| {row['mode']} | {row['length']} | | failed: {row['error']} | | | | |")
+            continue
+        ratio = f"{row['above_model_mib'] / first:.2f}x" if first else ""
+        cells = (
+            f"{row['peak_mib']:.0f} | {row['above_model_mib']:.0f} | {ratio} | {row['seconds']:.1f} | {row['loss']:.3f}"
+        )
+        lines.append(f"| {row['mode']} | {row['length']} | {row['device']} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

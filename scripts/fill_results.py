@@ -1,7 +1,7 @@
 """Paste the generated tables into docs/results.md between ``<!-- BEGIN name -->`` and ``<!-- END name -->``.
 
-Sections: ``grid_4k``, ``perplexity_4k``, ``passkey_3500`` (from `kvtune eval` folders, via `kvtune report`'s table)
-and ``bench_8k`` (from `kvtune bench`'s JSON). A section whose data folder is missing is left as it is.
+Sections come from `kvtune eval` folders (``results.jsonl``, via `kvtune report`'s table), a script's own markdown
+table (``NAME.md``), or `kvtune bench`'s JSON (``NAME.json``). A section whose data is missing is left as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def generated(name: str) -> str | None:
         table, _ = build_report(folder)
         # results.md links its plot relatively; from docs/ it lives under results/<name>/
         return table.read_text().replace("](results.png)", f"](results/{name}/results.png)")
+    if (DATA / f"{name}.md").is_file():  # a script's own markdown table (scripts/bench_lococo_memory.py)
+        return (DATA / f"{name}.md").read_text()
     if (DATA / f"{name}.json").is_file():
         return bench_table(json.loads((DATA / f"{name}.json").read_text()))
     return None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every measured table of docs/results.md on the embedded model (2-core CPU: about 90 minutes).
-#   scripts/results.sh            # everything
-#   scripts/results.sh bench      # one part: grid | perplexity | passkey | bench
+#   scripts/results.sh            # everything (about 3 hours)
+#   scripts/results.sh bench      # one part: grid | perplexity | passkey | bench | example | quickstart | lococo_memory
 # Each part writes a folder under docs/results/ (results.jsonl, results.md, results.png or bench.json), then
 # scripts/fill_results.py pastes the tables between the markers of docs/results.md. Commentary outside the
 # markers is written by hand: reread it when numbers move.
@@ -12,7 +12,7 @@ OUT=docs/results
 # `full` ignores the budget (the dashed line of the plots): a sweep computes it once per task and reuses it
 FREE=full,random,streaming_llm,h2o,snapkv,pyramidkv,adakv_snapkv,adakv_pyramidkv,kvmerger,lighttransfer
 METHODS=$FREE,lighttransfer+adakv_snapkv
-PARTS=${*:-passkey bench grid perplexity}
+PARTS=${*:-passkey bench grid perplexity example quickstart lococo_memory}
 
 for part in $PARTS; do
   case $part in
@@ -32,7 +32,18 @@ for part in $PARTS; do
       mkdir -p $OUT
       $BIN/kvtune bench "methods=[${METHODS}]" budgets=[512] context_lengths=[8192] batch_sizes=[1] \
         decode_tokens=8 output=$OUT/bench_8k.json ;;
-    *) echo "unknown part $part (grid | perplexity | passkey | bench)"; exit 2 ;;
+    example)  # the README's multirun example, exactly as printed there (20 samples)
+      rm -rf $OUT/readme_example
+      $BIN/kvtune eval model=embedded task=niah_single,passkey method=full,snapkv,adakv_snapkv,streaming_llm \
+        budget=128,256,512 context_length=4096 samples=20 hydra.sweep.dir=$OUT/readme_example -m ;;
+    quickstart)  # issue 4's main job (= make demo): train, then trained vs untrained vs baselines at 128 entries
+      OUT=outputs/quickstart BIN=$BIN scripts/quickstart.sh
+      rm -rf $OUT/quickstart && mkdir -p $OUT/quickstart
+      cp outputs/quickstart/eval/results.* $OUT/quickstart/
+      cp outputs/quickstart/trained/metrics.json $OUT/quickstart/train_metrics.json ;;
+    lococo_memory)  # peak memory of LoCoCo training at 4K/8K/16K against full-sequence fine-tuning
+      $BIN/python scripts/bench_lococo_memory.py --out $OUT/lococo_memory ;;
+    *) echo "unknown part $part (grid | perplexity | passkey | bench | example | quickstart | lococo_memory)"; exit 2 ;;
   esac
 done
 $BIN/python scripts/fill_results.py

@@ -132,12 +132,9 @@ def test_cli_multirun_and_report(tmp_path):
         "context_length=600",
         "samples=2",
         "batch_size=2",
-        "task.chunk=256",
         f"hydra.sweep.dir={tmp_path}",
         "-m",
     ]
-    # task.chunk only exists for perplexity: passkey gets it as an override too, so give it via +task.chunk there
-    command = [c for c in command if c != "task.chunk=256"]
     subprocess.run(command, check=True, capture_output=True)
     rows = read_rows(tmp_path)
     assert {(r["task"], r["method"]) for r in rows} == {

@@ -89,7 +89,7 @@ def test_pyramidkv_layer_budgets_and_selection(budget=48, window=32):
     steps = (max_num - min_num) // (LAYERS - 1)
     for layer in range(LAYERS):
         expected = max_num - layer * steps + window
-        got = pyramid_targets(torch.tensor([budget]), torch.tensor([[n]]), window, layer, LAYERS)
+        got = pyramid_targets(torch.tensor([budget]), torch.tensor([n]), window, layer, LAYERS)
         assert int(got) == expected
     cache = KVCache(LAYERS)
     ctx = _context(layer_idx=2, cache=cache)
@@ -234,3 +234,19 @@ def test_random_is_seeded_and_keeps_window(budget=40):
         kept.append(_kept(ctx))
     assert kept[0] == kept[1]
     assert all(k[-32:] == list(range(N - 32, N)) and len(k) == budget for k in kept[0].values())
+
+
+def test_pyramidkv_keeps_its_mean_budget_under_chunked_compression():
+    # chunk by chunk the layers hold different lengths; the schedule must still average the budget over layers
+    from conftest import tiny_llama
+
+    import kvtune
+    from kvtune.eval.runner import chunked_nll
+
+    model = tiny_llama(layers=6)
+    ids = torch.randint(0, 97, (1, 2048), generator=torch.Generator().manual_seed(0))
+    sizes = {}
+    for method in ("snapkv", "pyramidkv"):
+        cache = kvtune.new_cache(model, kvtune.methods.build(method, budget=256))
+        sizes[method] = chunked_nll(model, cache, ids, chunk=256)[1]
+    assert torch.allclose(sizes["pyramidkv"].float(), sizes["snapkv"].float(), rtol=0.01)

@@ -8,10 +8,15 @@ from kvtune.methods.snapkv import SnapKV
 
 
 def pyramid_targets(
-    target: torch.Tensor, lengths: torch.Tensor, window: int, layer: int, num_layers: int, beta: int = 20
+    target: torch.Tensor, seen: torch.Tensor, window: int, layer: int, num_layers: int, beta: int = 20
 ) -> torch.Tensor:
-    """KVCache-Factory's per-layer capacity: layer 0 gets the most, the last layer ``(target - window) / beta``."""
-    n = lengths.max(dim=1).values
+    """KVCache-Factory's per-layer capacity: layer 0 gets the most, the last layer ``(target - window) / beta``.
+
+    ``seen`` (``[B]``) is the prompt length the schedule is laid over (KVCache-Factory's ``q_len``). It must be the
+    same for every layer: with chunked prefill the layers already hold different lengths, and a schedule laid over
+    each layer's own length gives later layers more than the first (the mean then overshoots the budget).
+    """
+    n = seen
     base = target - window
     min_num = base // beta
     max_num = 2 * base - min_num
@@ -31,6 +36,7 @@ class PyramidKV(SnapKV):
         self.beta = beta
 
     def layer_target(self, ctx: LayerContext, lengths: torch.Tensor) -> torch.Tensor:
-        target = self.target(lengths)
+        seen = torch.full_like(lengths[:, 0], ctx.layer.seen_tokens)  # positions fed to every layer so far
+        target = self.target(seen[:, None])  # the mean budget, from the same length in every layer
         window = self.window_size(target)
-        return pyramid_targets(target, lengths, window, ctx.layer_idx, ctx.num_layers, self.beta)
+        return pyramid_targets(target, seen, window, ctx.layer_idx, ctx.num_layers, self.beta)

@@ -17,7 +17,8 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtune.lococo import LoCoCoConfig
 from kvtune.models import load_model
@@ -39,7 +40,9 @@ def trainable_parts(spec: str) -> set[str]:
     return parts
 
 
-def build_adapted_model(cfg: DictConfig, model=None, tokenizer=None):
+def build_adapted_model(
+    cfg: DictConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Base model (frozen) with LoCoCo compressors, plus embeddings/norms and LoRA when asked, as a PEFT model.
 
     ``model``/``tokenizer`` replace loading ``cfg.model.name`` (tests pass a tiny model built in-process).
@@ -71,8 +74,8 @@ def fit(
     cfg: DictConfig,
     output_dir: str | Path,
     callbacks: list[pl.Callback] | None = None,
-    base_model=None,
-    tokenizer=None,
+    base_model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says; checkpoints and logs under ``output_dir``. Returns the final logged metrics.
 

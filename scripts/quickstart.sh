@@ -2,17 +2,24 @@
 # The README's main job: train LoCoCo compressors on the embedded SmolLM2 (recipe quickstart, ~15 min on 2 cores),
 # then score the trained adapter against the untrained one and the training-free baselines at the same cache size
 # (128 entries per layer and KV head) on held-out 4K-token chunked perplexity and passkey retrieval.
-#   scripts/quickstart.sh                 # into outputs/quickstart
-#   OUT=docs/results/quickstart SAMPLES=8 scripts/quickstart.sh    # what docs/results.md shows
+#   scripts/quickstart.sh                               # into outputs/quickstart
+#   SAMPLES=2 scripts/quickstart.sh                     # quicker evaluation
+#   FIT_ARGS="trainer.max_steps=2" SAMPLES=1 scripts/quickstart.sh     # a smoke run of the whole pipeline
+#   REUSE_TRAINED=1 scripts/quickstart.sh               # evaluate OUT/trained again without retraining
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-outputs/quickstart}
 SAMPLES=${SAMPLES:-8}
-rm -rf "$OUT"
-$BIN/kvtune fit recipe=quickstart hydra.run.dir="$OUT/trained"
+read -r -a FIT <<< "recipe=quickstart ${FIT_ARGS:-}"
+if [ "${REUSE_TRAINED:-0}" = 1 ]; then
+  rm -rf "$OUT/untrained" "$OUT/eval" "$OUT/sweeps"
+else
+  rm -rf "$OUT"
+  $BIN/kvtune fit "${FIT[@]}" hydra.run.dir="$OUT/trained"
+fi
 # the same adapter before any step (the recipe's initialisation, same seed): what training adds
-$BIN/kvtune fit recipe=quickstart trainer.max_steps=0 hydra.run.dir="$OUT/untrained"
+$BIN/kvtune fit "${FIT[@]}" trainer.max_steps=0 hydra.run.dir="$OUT/untrained"
 EVAL=(task=perplexity,passkey budget=128 context_length=4096 samples="$SAMPLES" results_dir="$OUT/eval")
 for adapter in trained untrained; do
   $BIN/kvtune eval "${EVAL[@]}" method=lococo adapter="$OUT/$adapter/adapter" label="lococo_$adapter" \

@@ -104,18 +104,21 @@ def test_interrupted_run_resumes_to_the_same_adapter_and_exports_it_exactly(tmp_
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process_with_double_accumulation(tmp_path):
+def test_ddp_and_fsdp2_on_two_processes_match_one_process_with_double_accumulation(tmp_path):
     toy = [o for o in TOY if o != "optim.accumulate=1"] + ["trainer.max_steps=3"]
     runs = {
         "ddp": ["strategy=ddp", "trainer.devices=2", "optim.accumulate=1"],
+        "fsdp2": ["strategy=fsdp2", "trainer.devices=2", "optim.accumulate=1"],
         "single": ["trainer.devices=1", "optim.accumulate=2"],
     }
     for name, extra in runs.items():
         command = [sys.executable, "-m", "kvtune.cli", "fit", *toy, *extra, f"hydra.run.dir={tmp_path / name}"]
         subprocess.run(command, check=True, capture_output=True, cwd=tmp_path, timeout=600)
-    ddp, single = _adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")
-    assert ddp.keys() == single.keys() and ddp
-    for name in ddp:  # gradients all-reduced across ranks vs accumulated in one: equal up to float rounding
-        assert torch.allclose(ddp[name], single[name], atol=1e-4), name
-    blends = [float(v) for k, v in ddp.items() if k.endswith("blend")]
+    single = _adapter(tmp_path / "single")
+    for strategy in ("ddp", "fsdp2"):
+        sharded = _adapter(tmp_path / strategy)
+        assert sharded.keys() == single.keys() and single
+        for name in single:  # gradients averaged across ranks vs accumulated in one: equal up to float rounding
+            assert torch.allclose(sharded[name], single[name], atol=1e-4), (strategy, name)
+    blends = [float(v) for k, v in single.items() if k.endswith("blend")]
     assert blends and all(abs(b) > 1e-3 for b in blends)  # it really trained (the quickstart starts λ at 0)

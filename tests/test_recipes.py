@@ -88,3 +88,26 @@ def test_32k_recipe_fast_dev_run_on_a_tiny_llama2(tmp_path):
     # one optimiser step moved every trainable group away from its initial value
     assert all(abs(float(v) - 0.5) > 1e-4 for k, v in saved.items() if k.endswith("blend"))
     assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # LoRA B starts at zero
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("ddp", "DDPStrategy"),
+        ("fsdp", "FSDPStrategy"),
+        ("fsdp2", "ModelParallelStrategy"),
+        ("deepspeed_zero2", "DeepSpeedStrategy"),
+        ("deepspeed_zero3", "DeepSpeedStrategy"),
+        ("deepspeed_zero3_offload", "DeepSpeedStrategy"),
+    ],
+)
+def test_every_strategy_config_builds_its_lightning_strategy(strategy, expected):
+    from hydra.utils import instantiate
+
+    built = instantiate(_compose("recipe=quickstart", f"strategy={strategy}", "trainer.devices=2").strategy)
+    assert type(built).__name__ == expected
+    if strategy.startswith("deepspeed"):
+        assert built.exclude_frozen_parameters  # adapter-only checkpoints
+        assert built.zero_stage_3 == strategy.startswith("deepspeed_zero3")
+    if expected == "DeepSpeedStrategy" and built.zero_stage_3:
+        assert built.config["zero_optimization"]["stage3_param_persistence_threshold"] >= 2_000_000

@@ -87,6 +87,7 @@ class ChunkedLM(LightningModule):
         self.rates = (lr_compressor, lr_embed_norm, lr_lora)
         self.accumulate, self.max_steps = accumulate, max_steps
         self.automatic_optimization = False
+        self.replicated: list[nn.Parameter] = []  # adapters FSDP2 leaves whole (configure_model)
         self.strict_loading = False  # checkpoints hold the adapters only
         if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -99,16 +100,32 @@ class ChunkedLM(LightningModule):
         return chunked_losses(self.model, ids, self.block_size, self.buffer, backward)
 
     def configure_model(self) -> None:
-        """FSDP2 (``strategy=fsdp2``, Lightning's ModelParallelStrategy): shard each decoder layer, then the rest."""
+        """FSDP2 (``strategy=fsdp2``): shard the frozen base weights per decoder layer; keep the adapters whole.
+
+        The fused memory carries gradient from one chunk's forward into the next chunk's backward, by which time
+        FSDP2 has resharded the layer that made it: sharded compressor weights would be read after their storage
+        was freed. Trainable tensors are therefore left out of sharding (they are small) and their gradients are
+        averaged across ranks before each optimiser step, as DDP would.
+        """
         mesh = self.device_mesh
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
-        data_parallel = mesh["data_parallel"]
+        self.replicated = [p for p in self.model.parameters() if p.requires_grad]
+        data_parallel, ignored = mesh["data_parallel"], set(self.replicated)
         for layer in self.model.get_base_model().get_decoder().layers:
-            fully_shard(layer, mesh=data_parallel)
-        fully_shard(self.model, mesh=data_parallel)
+            fully_shard(layer, mesh=data_parallel, ignored_params=ignored)
+        fully_shard(self.model, mesh=data_parallel, ignored_params=ignored)
+
+    def average_replicated_gradients(self) -> None:
+        """Mean of the unsharded adapters' gradients over ranks (gloo has no AVG: sum, then divide)."""
+        world = torch.distributed.get_world_size()
+        for parameter in self.replicated:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses = self.chunk_losses(batch, train=True)
@@ -117,6 +134,8 @@ class ChunkedLM(LightningModule):
             datamodule.consumed += batch.shape[0]
         if (batch_idx + 1) % self.accumulate == 0:
             optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+            if self.replicated:
+                self.average_replicated_gradients()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()

@@ -7,9 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 
+import kvtune
 from kvtune.attention import LayerContext, allowed_mask, received_attention
 from kvtune.cache import KVCache
+from kvtune.eval.runner import chunked_nll
 from kvtune.methods import build
 from kvtune.methods.pyramidkv import pyramid_targets
 
@@ -238,11 +241,6 @@ def test_random_is_seeded_and_keeps_window(budget=40):
 
 def test_pyramidkv_keeps_its_mean_budget_under_chunked_compression():
     # chunk by chunk the layers hold different lengths; the schedule must still average the budget over layers
-    from conftest import tiny_llama
-
-    import kvtune
-    from kvtune.eval.runner import chunked_nll
-
     model = tiny_llama(layers=6)
     ids = torch.randint(0, 97, (1, 2048), generator=torch.Generator().manual_seed(0))
     sizes = {}

@@ -77,6 +77,7 @@ def test_32k_recipe_fast_dev_run_on_a_tiny_llama2(tmp_path):
         "data.val_fraction=0.3",
         "+trainer.fast_dev_run=true",
         "trainer.devices=1",  # the recipe asks for 8 devices: one CPU process here
+        "optim.accumulate=1",  # fast_dev_run feeds one sequence: let it make the optimiser step
         f"output_dir={tmp_path}",
     )
     tokenizer = kvtune.models.load_tokenizer("embedded")

@@ -1,0 +1,358 @@
+"""GPU benchmark at real scale: a Llama-3.1-8B-shaped model (random bf16 weights: speed does not depend on them) at
+32K and 128K tokens, batch 1 and 8, `full` (the stock model: transformers' own cache and attention) against
+kvtune's compressed caches, with each decode speed set against the bandwidth floor measured in the same run.
+
+Sized for one command of at most 8 minutes on one H100/H200; combinations that cannot fit are skipped and say why.
+
+    python scripts/bench_gpu.py --out outputs/bench_gpu                  # the GPU run (writes table.md, rows.json)
+    python scripts/bench_gpu.py --tiny                                   # the same pipeline on CPU, 2 layers, seconds
+
+Figures per row: prefill seconds, decode tokens/s, the cache's storage bytes after prefill (`untyped_storage`,
+deduplicated), peak allocated memory above the weights, and decode against its floor: a decode step must read the
+streamed weights (all but the input embedding, of which it reads B rows) and the whole cache once, so it takes at
+least ``(weight bytes + KV bytes) / copy bandwidth``, the bandwidth being that of a large device copy timed here.
+Timings are single runs after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel
+
+from kvtune.api import cache_kwargs, new_cache, prefill
+from kvtune.bench import PeakMemory
+from kvtune.methods import available, build
+
+GIB = 2**30
+LLAMA_3_1_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=4096,
+    rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+)
+METHODS = ["full", "snapkv", "adakv_snapkv", "lighttransfer", "streaming_llm"]
+
+
+@dataclass
+class Settings:
+    """One run's grid. The defaults are the GPU run; `tiny()` is the CPU smoke run."""
+
+    contexts: list[int] = field(default_factory=lambda: [32768, 131072])
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    budget: int = 1024
+    prefill_chunk: int = 4096  # compressed methods prefill chunk by chunk, compressing between chunks
+    decode_tokens: int = 32
+    time_limit_s: float = 420.0  # rows not started by then are skipped (the whole command must stay under 8 min)
+    tiny: bool = False
+
+    @classmethod
+    def tiny_run(cls) -> Settings:
+        return cls(contexts=[256], batches=[1, 2], budget=32, prefill_chunk=64, decode_tokens=4, tiny=True)
+
+
+def llama_config(tiny: bool = False) -> LlamaConfig:
+    """Llama-3.1-8B's shape (or a 2-layer miniature of it), SDPA attention so that kvtune can route it."""
+    return LlamaConfig(**(TINY if tiny else LLAMA_3_1_8B), attn_implementation="sdpa")
+
+
+def random_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """The model built directly on ``device`` in ``dtype`` with transformers' random init: nothing is downloaded."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the storages ``tensors`` keep alive, each storage counted once (views pin their whole storage)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def cache_bytes(cache: Any) -> int:
+    """Storage held by every tensor attribute of a transformers cache's layers (DynamicCache or kvtune's)."""
+    return storage_bytes([v for layer in cache.layers for v in vars(layer).values() if isinstance(v, torch.Tensor)])
+
+
+def streamed_weight_bytes(model: PreTrainedModel) -> int:
+    """Weight bytes a decode step reads: every parameter but the input embedding (unless tied to the output)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings().weight
+    kept = [p for p in model.parameters() if p is not embedding or embedding is output]
+    return storage_bytes(kept)
+
+
+def full_kv_bytes(config: LlamaConfig, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Bytes of an uncompressed cache: K and V for every layer, KV head, token and head dimension."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * context * batch * torch.finfo(dtype).bits // 8
+
+
+def decode_floor(weight_bytes: int, kv_bytes: int, bandwidth: float, batch: int) -> float:
+    """Tokens/s a decode step cannot beat: it reads the streamed weights and the whole cache once per step."""
+    return batch * bandwidth / (weight_bytes + kv_bytes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
+    """Bytes moved per second (read + written) by a large device-to-device copy."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    _sync(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def run_full(model: PreTrainedModel, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float, Any]:
+    """The stock model: one-shot prefill into transformers' DynamicCache, then greedy decode."""
+    model.set_attn_implementation("sdpa")  # kvtune's backend stays switched on after a compressed row
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    start = time.perf_counter()
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    kv = cache_bytes(cache)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = logits.argmax(dim=-1, keepdim=True)
+        logits = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+    _sync(device)
+    return prefill_s, time.perf_counter() - start, kv
+
+
+@torch.no_grad()
+def run_compressed(
+    model: PreTrainedModel, ids: torch.Tensor, method: str, budget: int, chunk: int, decode_tokens: int
+) -> tuple[float, float, int]:
+    """kvtune's public path: `new_cache` with the method's policy, chunked `prefill`, then greedy decode."""
+    device = ids.device
+    cache = new_cache(model, build(method, budget=budget))
+    mask = torch.ones_like(ids)
+    _sync(device)
+    start = time.perf_counter()
+    logits, mask = prefill(model, cache, ids, mask, chunk=chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    cache.prefilling = False
+    kv = cache_bytes(cache)
+    positions = mask.sum(dim=1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = logits.argmax(dim=-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **cache_kwargs(model, cache),
+        )
+        logits, positions = out.logits[:, -1], positions + 1
+    _sync(device)
+    return prefill_s, time.perf_counter() - start, kv
+
+
+def measure_row(model, ids, method: str, settings: Settings, weights: int, bandwidth: float) -> dict[str, Any]:
+    batch, context = ids.shape
+    compressed = method != "full"
+    row: dict[str, Any] = {
+        "method": method,
+        "budget": settings.budget if compressed else None,
+        "context": context,
+        "batch": batch,
+        "prefill_chunk": settings.prefill_chunk if compressed else None,
+        "status": "ok",
+    }
+    with PeakMemory(ids.device) as peak:
+        if compressed:
+            prefill_s, decode_s, kv = run_compressed(
+                model, ids, method, settings.budget, settings.prefill_chunk, settings.decode_tokens
+            )
+        else:
+            prefill_s, decode_s, kv = run_full(model, ids, settings.decode_tokens)
+    decode_tok_s = batch * settings.decode_tokens / decode_s
+    floor = decode_floor(weights, kv, bandwidth, batch)
+    row.update(
+        prefill_s=prefill_s,
+        decode_tok_s=decode_tok_s,
+        kv_bytes=kv,
+        peak_above_weights_bytes=peak.peak,
+        floor_tok_s=floor,
+        floor_ratio=decode_tok_s / floor,
+    )
+    return row
+
+
+def skip_reason(method: str, context: int, batch: int, config, dtype, free_bytes: int | None, deadline: float):
+    """Why a row is not run: the uncompressed cache alone cannot fit, or the time limit has passed."""
+    if time.perf_counter() > deadline:
+        return "skipped: time limit"
+    full = full_kv_bytes(config, context, batch, dtype)
+    if method == "full" and free_bytes is not None and full > free_bytes:
+        return f"does not fit: its cache alone is {full / GIB:.0f} GiB, {free_bytes / GIB:.0f} GiB free"
+    return None
+
+
+def run(settings: Settings, device: torch.device) -> dict[str, Any]:
+    """Every row of the grid, plus what the rows are measured against (bandwidth, weight bytes, device)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(device, (64 if settings.tiny else 2048) * 2**20)
+    config = llama_config(settings.tiny)
+    model = random_model(config, device, dtype)
+    weights = streamed_weight_bytes(model)
+    vocab = config.vocab_size
+    warm = torch.randint(vocab, (1, settings.prefill_chunk + 8), device=device)  # two chunks
+    for method in ("full", settings.methods[-1]):  # first-call costs (allocator, kernels) stay out of the table
+        measure_row(model, warm, method, Settings(**{**asdict(settings), "decode_tokens": 2}), weights, bandwidth)
+    deadline = time.perf_counter() + settings.time_limit_s
+    rows = []
+    for batch in settings.batches:
+        for context in settings.contexts:
+            ids = torch.randint(vocab, (batch, context), device=device)
+            for method in settings.methods:
+                _free(device)
+                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+                reason = skip_reason(method, context, batch, config, dtype, free, deadline)
+                if reason is None:
+                    try:
+                        rows.append(measure_row(model, ids, method, settings, weights, bandwidth))
+                        continue
+                    except torch.OutOfMemoryError:
+                        reason = "out of memory"
+                _free(device)
+                rows.append({"method": method, "context": context, "batch": batch, "status": reason})
+            del ids
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "config": "tiny" if settings.tiny else "llama-3.1-8b",
+        "weight_bytes": weights,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "settings": asdict(settings),
+        "rows": rows,
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The rows as a markdown table, skipped rows included with their reason."""
+    lines = [
+        f"{result['config']} ({result['dtype']}) on {result['device']}, torch {result['torch']}: "
+        f"streamed weights {result['weight_bytes'] / GIB:.2f} GiB, "
+        f"copy bandwidth {result['copy_bandwidth_bytes_s'] / 1e9:.0f} GB/s",
+        "",
+        "| method | budget | context | batch | prefill s | decode tok/s | floor tok/s | x floor | KV MiB "
+        "| peak GiB above weights | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        head = f"| {r['method']} | {r.get('budget') or 'all'} | {r['context']} | {r['batch']} "
+        if r["status"] != "ok":
+            lines.append(head + f"| | | | | | | {r['status']} |")
+            continue
+        note = f"prefill_chunk={r['prefill_chunk']}" if r["prefill_chunk"] else "stock transformers"
+        lines.append(
+            head + f"| {r['prefill_s']:.2f} | {r['decode_tok_s']:.1f} | {r['floor_tok_s']:.0f} "
+            f"| {r['floor_ratio']:.2f} | {r['kv_bytes'] / 2**20:.1f} | {r['peak_above_weights_bytes'] / GIB:.2f} "
+            f"| {note} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="2-layer model on CPU: the whole pipeline in seconds")
+    parser.add_argument("--contexts", type=int, nargs="+")
+    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--methods", nargs="+")
+    parser.add_argument("--budget", type=int)
+    parser.add_argument("--prefill-chunk", type=int)
+    parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--time-limit", type=float, help="seconds after warm-up; later rows are skipped")
+    parser.add_argument("--out", type=Path, help="folder for table.md and rows.json")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods or [] if m != "full" and m not in available()]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; valid names: full, {', '.join(available())}")
+    settings = Settings.tiny_run() if args.tiny else Settings()
+    overrides = {
+        "contexts": args.contexts,
+        "batches": args.batches,
+        "methods": args.methods,
+        "budget": args.budget,
+        "prefill_chunk": args.prefill_chunk,
+        "decode_tokens": args.decode_tokens,
+        "time_limit_s": args.time_limit,
+    }
+    settings = Settings(**{**asdict(settings), **{k: v for k, v in overrides.items() if v is not None}})
+    return settings, args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    settings, args = parse_args(argv)
+    if not settings.tiny and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device; run with --tiny for the CPU smoke run", file=sys.stderr)
+        raise SystemExit(2)
+    device = torch.device("cuda" if not settings.tiny else "cpu")
+    result = run(settings, device)
+    table = markdown_table(result)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(table + "\n")
+        (args.out / "rows.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

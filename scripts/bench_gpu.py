@@ -75,7 +75,7 @@ class Settings:
     budget: int = 1024
     prefill_chunk: int = 4096  # compressed methods prefill chunk by chunk, compressing between chunks
     decode_tokens: int = 32
-    time_limit_s: float = 420.0  # rows not started by then are skipped (the whole command must stay under 8 min)
+    time_limit_s: float = 400.0  # rows not started by then are skipped (the whole command must stay under 8 min)
     tiny: bool = False
 
     @classmethod
@@ -267,7 +267,7 @@ def run(settings: Settings, device: torch.device) -> dict[str, Any]:
                     try:
                         rows.append(measure_row(model, ids, method, settings, weights, bandwidth))
                         continue
-                    except torch.OutOfMemoryError:
+                    except torch.cuda.OutOfMemoryError:
                         reason = "out of memory"
                 _free(device)
                 rows.append({"method": method, "context": context, "batch": batch, "status": reason})

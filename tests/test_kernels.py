@@ -118,6 +118,7 @@ CASES = [
     ("rectangular prefill", 2, 7, 7, torch.ones(2, 1, 7, dtype=torch.bool)),
     ("rectangular chunk", 2, 3, 9, torch.ones(2, 1, 9, dtype=torch.bool)),
     ("a row all padding", 2, 3, 9, suffix_valid([[9], [0]], 9)),
+    ("decode, a row all padding", 2, 1, 9, suffix_valid([[9], [0]], 9)),
 ]
 
 

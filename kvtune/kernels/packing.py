@@ -95,7 +95,8 @@ def pack(
     valid = valid.expand(batch, kv_heads, length)
     key_lengths = valid.sum(dim=-1)  # [B, H_kv]
     query_valid = valid[:, :, length - q_len :]
-    all_queries = bool(query_valid.all())
+    # One query per sequence: pack every row (no sync; FA2's decode path wants exactly one query per sequence)
+    all_queries = q_len == 1 or bool(query_valid.all())
     # [B, H_kv, group, q, d] -> [B, H_kv, q, group, d]: a sequence's query rows with its group as heads
     grouped = query.view(batch, kv_heads, group, q_len, dim).transpose(2, 3)
     if all_queries:

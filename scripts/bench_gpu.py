@@ -73,7 +73,7 @@ class Settings:
     batches: list[int] = field(default_factory=lambda: [1, 8])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     budget: int = 1024
-    prefill_chunk: int = 4096  # compressed methods prefill chunk by chunk, compressing between chunks
+    prefill_chunk: int = 2048  # compressed methods prefill chunk by chunk, compressing between chunks
     decode_tokens: int = 32
     time_limit_s: float = 400.0  # rows not started by then are skipped (the whole command must stay under 8 min)
     tiny: bool = False

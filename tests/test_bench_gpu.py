@@ -51,6 +51,7 @@ def test_skip_reasons_and_their_rows_in_the_table():
     assert bench_gpu.skip_reason("snapkv", 131072, 8, config, torch.bfloat16, 100 * 2**30, inf) is None
     assert bench_gpu.skip_reason("snapkv", 32768, 1, config, torch.bfloat16, None, 0.0) == "skipped: time limit"
     result = {"config": "c", "dtype": "d", "device": "x", "torch": "t", "weight_bytes": 0, "copy_bandwidth_bytes_s": 1}
+    result["settings"] = {"budget": 1024}
     result["rows"] = [{"method": "full", "context": 131072, "batch": 8, "status": reason}]
     assert bench_gpu.markdown_table(result).splitlines()[-1].endswith(f"| {reason} |")
 
@@ -60,15 +61,21 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path, capsys):
     result = bench_gpu.main(
         ["--tiny", "--contexts", "128", "--batches", "1", "--decode-tokens", "2", "--out", str(out)]
     )
-    rows = {r["method"]: r for r in result["rows"]}
-    assert list(rows) == bench_gpu.METHODS and all(r["status"] == "ok" for r in rows.values())
+    reference, *measured = result["rows"]
+    assert (reference["method"], reference["context"]) == ("full", 32)  # the decode reference: context = budget
+    rows = {r["method"]: r for r in measured}
+    assert list(rows) == bench_gpu.METHODS and all(r["status"] == "ok" for r in result["rows"])
     assert rows["full"]["kv_bytes"] == bench_gpu.full_kv_bytes(bench_gpu.llama_config(True), 128, 1, torch.float32)
     for method in bench_gpu.METHODS[1:]:
         assert rows[method]["kv_bytes"] < rows["full"]["kv_bytes"]
         assert 0 < rows[method]["floor_ratio"] < 1
     assert json.loads((out / "rows.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     table = (out / "table.md").read_text()
-    assert table.count("\n| ") == 1 + len(bench_gpu.METHODS) and table.strip() in capsys.readouterr().out
+    assert (
+        table.count("\n| ") == 2 + len(bench_gpu.METHODS)
+        and "decode reference" in table
+        and table.strip() in capsys.readouterr().out
+    )
 
 
 def test_user_errors_exit_2_before_any_model(capsys):

@@ -91,7 +91,8 @@ def rectangular_sdpa(query, keys, values, valid, scaling, *, causal=True, window
         raise ValueError("sdpa_rectangular has no sliding window; use a varlen backend or sdpa_masked")
     q_len, length = query.shape[2], keys.shape[2]
     enable_gqa = _group(query, keys) > 1
-    if not causal or q_len == length:
+    if not causal or q_len == 1 or q_len == length:  # a single query sees every key: no causal structure left
+        causal = causal and q_len > 1
         return F.scaled_dot_product_attention(
             query, keys, values, is_causal=causal, scale=scaling, enable_gqa=enable_gqa
         )

@@ -6,6 +6,7 @@ Sized for one command of at most 8 minutes on one H100/H200; combinations that c
 
     python scripts/bench_gpu.py --out outputs/bench_gpu                  # the GPU run (writes table.md, rows.json)
     python scripts/bench_gpu.py --tiny                                   # the same pipeline on CPU, 2 layers, seconds
+    python scripts/bench_gpu.py --tiny --device cuda                     # ... on the GPU: a check before the real run
 
 Figures per row: prefill seconds, decode tokens/s, the cache's storage bytes after prefill (`untyped_storage`,
 deduplicated), peak allocated memory above the weights, and decode against its floor: a decode step must read the
@@ -327,6 +328,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--decode-tokens", type=int)
     parser.add_argument("--time-limit", type=float, help="seconds after warm-up; later rows are skipped")
     parser.add_argument("--out", type=Path, help="folder for table.md and rows.json")
+    parser.add_argument(
+        "--device", help="cuda (default) or cpu (default with --tiny; --tiny --device cuda checks the GPU path)"
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods or [] if m != "full" and m not in available()]
     if unknown:
@@ -347,10 +351,10 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings, args = parse_args(argv)
-    if not settings.tiny and not torch.cuda.is_available():
+    device = torch.device(args.device or ("cpu" if settings.tiny else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; run with --tiny for the CPU smoke run", file=sys.stderr)
         raise SystemExit(2)
-    device = torch.device("cuda" if not settings.tiny else "cpu")
     result = run(settings, device)
     table = markdown_table(result)
     print(table)

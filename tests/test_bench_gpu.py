@@ -82,3 +82,20 @@ def test_user_errors_exit_2_before_any_model(capsys):
     with pytest.raises(SystemExit) as raised:
         bench_gpu.main(["--tiny", "--methods", "snapkvv"])
     assert raised.value.code == 2 and "unknown method(s) snapkvv" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiny_pipeline_on_gpu():
+    """The GPU code paths (bf16, synchronisation, free-memory checks, allocator peaks) before the real run."""
+    result = bench_gpu.main(["--tiny", "--device", "cuda", "--contexts", "128", "--batches", "1", "2"])
+    assert result["dtype"] == "torch.bfloat16" and all(r["status"] == "ok" for r in result["rows"])
+    assert all(r["peak_above_weights_bytes"] > 0 for r in result["rows"])
+
+
+def test_no_cuda_is_a_user_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as raised:
+        bench_gpu.main([])
+    assert raised.value.code == 2 and "no CUDA device" in capsys.readouterr().err

@@ -287,6 +287,47 @@ def test_scaling_is_honoured():
     assert not torch.allclose(default, masked_sdpa(query, keys, values, None, 0.9))
 
 
+def test_kvtune_layouts_through_the_varlen_packing(monkeypatch):
+    """kvtune's own layouts (chunked prefill of a padded batch, Ada-KV heads, a left-padded question appended after
+    compression, decode) give the same logits and answers through the varlen packing as through the masked path.
+
+    Active once `kvtune.attention` picks its kernel with `best_backend` (the wiring described in notes/gpu.md)."""
+    from conftest import tiny_llama
+
+    import kvtune.attention
+    from kvtune.api import append_tails, greedy, new_cache, prefill
+    from kvtune.methods import build
+
+    if not hasattr(kvtune.attention, "best_backend"):
+        pytest.skip("kvtune.attention does not call kvtune.kernels.best_backend yet")
+    choose = kvtune.attention.best_backend
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (3, 60), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(60) >= torch.tensor([[0], [19], [7]])).long()
+
+    def answer(method, varlen):
+        kernel = ReferenceKernel(True)
+
+        def backend(device, dtype, ragged, *args, **kwargs):
+            return VarlenBackend(kernel) if ragged and varlen else choose(device, dtype, ragged, *args, **kwargs)
+
+        monkeypatch.setattr(kvtune.attention, "best_backend", backend)
+        cache = new_cache(model, build(method, budget=16))
+        with torch.no_grad():
+            logits, seen = prefill(model, cache, ids, mask, chunk=24)
+            cache.prefilling = False
+            logits, seen = append_tails(model, cache, [[5, 6, 7], [8], [9, 10]], seen, logits, 0)
+            return logits, greedy(model, cache, logits, seen, 3, None), kernel.calls
+
+    (reference, reference_answer, _), (logits, answer_, calls) = (
+        answer("adakv_snapkv", False),
+        answer("adakv_snapkv", True),
+    )
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    assert answer_ == reference_answer
+    assert {p.seqused_k is None for p in calls} == {True, False}  # holes gathered, suffixes read in place
+
+
 # ---- GPU tests ----------------------------------------------------------------------------------------------------
 def gpu_only(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))

@@ -204,6 +204,7 @@ def run_compressed(
 
 
 def row_key(method: str, context: int, batch: int, settings: Settings) -> dict[str, Any]:
+    """What identifies a row (measured or skipped)."""
     compressed = method != "full"
     return {
         "method": method,
@@ -215,11 +216,11 @@ def row_key(method: str, context: int, batch: int, settings: Settings) -> dict[s
 
 
 def measure_row(model, ids, method: str, settings: Settings, weights: int, bandwidth: float) -> dict[str, Any]:
+    """One configuration: prefill, decode, and the figures of one table row."""
     batch, context = ids.shape
-    compressed = method != "full"
     row = {**row_key(method, context, batch, settings), "status": "ok"}
     with PeakMemory(ids.device) as peak:
-        if compressed:
+        if method != "full":
             prefill_s, decode_s, kv = run_compressed(
                 model, ids, method, settings.budget, settings.prefill_chunk, settings.decode_tokens
             )

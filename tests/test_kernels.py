@@ -278,6 +278,7 @@ def test_best_backend_choices():
     assert best_backend("cuda", torch.bfloat16, True, head_dim=12, kernels=cuda_all) is masked_sdpa
     assert best_backend("cuda", torch.bfloat16, False, window=64, kernels=cuda_all) is TORCH_VARLEN
     assert set(BACKENDS) == cuda_all
+    assert installed_kernels("cpu") == {"sdpa_masked", "sdpa_rectangular"}  # varlen kernels are CUDA-only
 
 
 def test_scaling_is_honoured():

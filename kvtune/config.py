@@ -121,6 +121,7 @@ class OptimConfig:
     lr_compressor: float = 5e-2
     lr_embed_norm: float = 2.5e-4
     lr_lora: float = 5e-5
+    lr_blend: float | None = None  # the compressors' λ on its own rate (None: with the conv, as the paper)
     accumulate: int = 1  # sequences per optimiser step
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 at max_steps (the paper: no warm-up)
     bptt_chunks: int = 1  # chunks backpropagated together: gradient through that many compressions (1: the paper's)

@@ -112,6 +112,7 @@ def fit(
         objective=cfg.method.objective,
         bptt_chunks=cfg.optim.bptt_chunks,
         warmup_steps=cfg.optim.warmup_steps,
+        lr_blend=cfg.optim.lr_blend,
     )
     checkpoints = output_dir / "checkpoints"
     ckpt_path = resume_path(checkpoints, cfg.ckpt_path)

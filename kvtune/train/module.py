@@ -27,21 +27,27 @@ from kvtune.eval.runner import chunked_nll
 from kvtune.methods import build
 
 
-def parameter_groups(model: nn.Module, lr_compressor: float, lr_embed_norm: float, lr_lora: float) -> list[dict]:
-    """The paper's optimiser groups: compressors, embeddings and norms, LoRA (only groups with trainable tensors)."""
-    groups: dict[str, list[nn.Parameter]] = {"compressor": [], "embed_norm": [], "lora": []}
+def parameter_groups(
+    model: nn.Module, lr_compressor: float, lr_embed_norm: float, lr_lora: float, lr_blend: float | None = None
+) -> list[dict]:
+    """The paper's optimiser groups: compressors, embeddings and norms, LoRA (only groups with trainable tensors).
+
+    ``lr_blend`` gives the compressors' λ its own rate: one scalar per layer that Adam moves by about its rate per
+    step, while the conv's rate is matched to its small initial weights (None: λ trains with the conv).
+    """
+    groups: dict[str, list[nn.Parameter]] = {"compressor": [], "blend": [], "embed_norm": [], "lora": []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         if "lococo_" in name:
-            groups["compressor"].append(parameter)
+            groups["blend" if lr_blend is not None and name.endswith(".blend") else "compressor"].append(parameter)
         elif "lora_" in name:
             groups["lora"].append(parameter)
         elif "embed" in name or "norm" in name:
             groups["embed_norm"].append(parameter)
         else:
             raise ValueError(f"trainable parameter {name!r} belongs to no optimiser group")
-    rates = {"compressor": lr_compressor, "embed_norm": lr_embed_norm, "lora": lr_lora}
+    rates = {"compressor": lr_compressor, "blend": lr_blend, "embed_norm": lr_embed_norm, "lora": lr_lora}
     return [{"params": p, "lr": rates[g], "name": g} for g, p in groups.items() if p]
 
 
@@ -148,11 +154,12 @@ class ChunkedLM(LightningModule):
         objective: str = "lm",
         bptt_chunks: int = 1,
         warmup_steps: int = 0,
+        lr_blend: float | None = None,
     ) -> None:
         super().__init__()
         objective_parts(objective)
         self.model, self.block_size, self.buffer = model, block_size, buffer
-        self.rates = (lr_compressor, lr_embed_norm, lr_lora)
+        self.rates = (lr_compressor, lr_embed_norm, lr_lora, lr_blend)
         self.accumulate, self.max_steps = accumulate, max_steps
         self.objective, self.bptt_chunks, self.warmup_steps = objective, bptt_chunks, warmup_steps
         self.val_nlls: list[float] = []

@@ -127,8 +127,10 @@ def fit(
     trainer = pl.Trainer(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
-    if ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0:
-        trainer.validate(module, datamodule=data, verbose=False)  # the untrained compressor: the curve's step 0
+    # the untrained compressor: the validation curve's step 0 (one process only: a multi-process strategy would
+    # launch its ranks here, before fit)
+    if ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0 and trainer.world_size == 1:
+        trainer.validate(module, datamodule=data, verbose=False)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))

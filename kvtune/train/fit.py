@@ -128,8 +128,9 @@ def fit(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
     # the untrained compressor: the validation curve's step 0 (one process only: a multi-process strategy would
-    # launch its ranks here, before fit)
-    if ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0 and trainer.world_size == 1:
+    # launch its ranks here, before fit; not in a fast_dev_run smoke check)
+    first_curve_point = ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0
+    if first_curve_point and trainer.world_size == 1 and not trainer.fast_dev_run:
         trainer.validate(module, datamodule=data, verbose=False)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -112,7 +112,7 @@ def chunked_losses(
         positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
         out = model(input_ids=piece, position_ids=positions, **cache_kwargs(model, cache), use_cache=True)
         logits = out.logits[:, :-1]
-        loss = logits.new_zeros(())
+        loss = torch.zeros((), device=logits.device)
         if "lm" in parts:
             loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), piece[:, 1:].flatten())
         if teacher_cache is not None:

@@ -124,4 +124,4 @@ def test_ddp_and_fsdp2_on_two_processes_match_one_process_with_double_accumulati
         for name in single:
             assert torch.allclose(sharded[name], single[name], atol=2e-3), (strategy, name)
     blends = [float(v) for k, v in single.items() if k.endswith("blend")]
-    assert blends and all(abs(b - math.log(0.1 / 0.9)) > 1e-3 for b in blends)  # it really trained (θ = logit λ)
+    assert blends and all(abs(b - math.log(0.01 / 0.99)) > 1e-3 for b in blends)  # it really trained (θ = logit λ)

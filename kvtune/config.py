@@ -94,6 +94,11 @@ class LoCoCoMethodConfig:
     lambda_init: float = 0.5
     init_std: float = 1.0
     local_len: int = 0  # most recent entries always kept verbatim (the official code's local_len)
+    blend: str = (
+        "linear"  # λ parametrisation: "linear" (the official raw λ) or "sigmoid" (λ = σ(θ), θ from lambda_init)
+    )
+    normalize_scores: bool = False  # rank entries by attention per query that could see them (not column sums)
+    objective: str = "lm"  # "lm" (next-token CE, the paper's), "distill" (KL to the full-cache model), "distill+lm"
     buffer: int = 16
     trainable: str = "compressor"  # "+"-joined parts of {compressor, embed_norm, lora}; compressor is required
     lora_r: int = 8  # LoRA on q/k/v/o when trainable includes lora (the paper's extension recipe: r=8, alpha=16)
@@ -106,7 +111,9 @@ class FitDataConfig:
     chunks: int = 8  # P: chunks per training sequence (sequence length = block_size * chunks)
     val_fraction: float = 0.1
     batch_size: int = 1
-    max_train_sequences: int | None = None
+    max_train_sequences: int | None = None  # that many windows at seeded random offsets (None: every consecutive one)
+    val_length: int | None = None  # validation windows' tokens (the evaluation length); None: the training length
+    val_source: str | None = None  # held-out documents of this source validate (None: the training source's)
 
 
 @dataclass
@@ -114,7 +121,10 @@ class OptimConfig:
     lr_compressor: float = 5e-2
     lr_embed_norm: float = 2.5e-4
     lr_lora: float = 5e-5
+    lr_blend: float | None = None  # the compressors' λ on its own rate (None: with the conv, as the paper)
     accumulate: int = 1  # sequences per optimiser step
+    warmup_steps: int = 0  # linear warm-up, then linear decay to 0 at max_steps (the paper: no warm-up)
+    bptt_chunks: int = 1  # chunks backpropagated together: gradient through that many compressions (1: the paper's)
     gradient_checkpointing: bool = False
 
 

@@ -1,11 +1,15 @@
 """Peak memory of one LoCoCo training step against sequence length, beside full-sequence fine-tuning.
 
     python scripts/bench_lococo_memory.py [--lengths 4096 8192 16384] [--mem-size 512] [--block-size 512]
+    python scripts/bench_lococo_memory.py --objectives distill --full-lengths   # the distillation objective only
 
 Each configuration runs in its own process and trains one sequence with compressors plus LoRA r=8 (the extension
 recipe's trainable set). It reports the peak (RSS on CPU, the CUDA allocator's peak on GPU) and the peak above what
 the loaded model already held. LoCoCo feeds the sequence chunk by chunk with a backward per chunk, so its peak
-should not grow with the length; full-sequence fine-tuning (the same trainable tensors, one forward and backward
+should not grow with the length. ``--objectives distill`` (or ``distill+lm``) adds the full-cache teacher, fed the
+same chunks in lockstep without gradient: its logits exist for one chunk at a time, and what it adds with the length
+is its uncompressed KV cache (the full cache's own bytes, 2 x layers x KV heads x head_dim x 4 bytes per token).
+Full-sequence fine-tuning (the same trainable tensors, one forward and backward
 over the whole sequence with full attention) grows with it. Positions beyond the model's trained context use
 linear interpolation (PI). Prints a markdown table and writes it with the raw rows to ``--out`` (``.md``, ``.json``).
 """
@@ -24,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
-    """Runs in a fresh process: build the model, train one sequence, report the peak."""
+    """Runs in a fresh process: build the model, train one sequence, report the peak.
+
+    ``mode``: ``lococo`` (objective lm), ``lococo_distill``, ``lococo_distill+lm``, or ``full_sequence``.
+    """
     import psutil
     import torch
     import torch.nn.functional as F
@@ -53,8 +60,9 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     else:
         base = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()
-    if mode == "lococo":
-        losses = chunked_losses(model, ids, block_size, backward=torch.Tensor.backward)
+    if mode.startswith("lococo"):
+        objective = mode.partition("_")[2] or "lm"
+        losses = chunked_losses(model, ids, block_size, backward=torch.Tensor.backward, objective=objective)
         loss = sum(losses) / len(losses)
     else:
         logits = model(input_ids=ids, use_cache=False).logits
@@ -80,7 +88,8 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--full-lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--full-lengths", type=int, nargs="*", default=[4096, 8192])
+    parser.add_argument("--objectives", nargs="+", default=["lm"], choices=["lm", "distill", "distill+lm"])
     parser.add_argument("--mem-size", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_lococo_memory"), help="writes OUT.json, OUT.md")
@@ -89,7 +98,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_step(args.one[0], int(args.one[1]), args.mem_size, args.block_size)))
         return
-    runs = [("lococo", n) for n in args.lengths] + [("full_sequence", n) for n in args.full_lengths]
+    modes = ["lococo" if o == "lm" else f"lococo_{o}" for o in args.objectives]
+    runs = [(m, n) for m in modes for n in args.lengths] + [("full_sequence", n) for n in args.full_lengths]
     rows = []
     for mode, length in runs:
         command = [sys.executable, __file__, "--one", mode, str(length)]
@@ -111,7 +121,10 @@ def main() -> None:
 
 def markdown(rows: list[dict], mem_size: int, block_size: int) -> str:
     """Peak memory per (training, length), and each LoCoCo peak against its shortest sequence's."""
-    first = next((r["above_model_mib"] for r in rows if r["mode"] == "lococo" and "error" not in r), None)
+    firsts = {}
+    for r in rows:
+        if r["mode"].startswith("lococo") and "error" not in r:
+            firsts.setdefault(r["mode"], r["above_model_mib"])
     lines = [
         f"| training (M={mem_size}, B={block_size}) | sequence | device | peak MiB | above the model, MiB | "
         "vs LoCoCo at the shortest | seconds | loss |",
@@ -121,6 +134,7 @@ def markdown(rows: list[dict], mem_size: int, block_size: int) -> str:
         if "error" in row:
             lines.append(f"| {row['mode']} | {row['length']} | | failed: {row['error']} | | | | |")
             continue
+        first = firsts.get(row["mode"], next(iter(firsts.values()), None))
         ratio = f"{row['above_model_mib'] / first:.2f}x" if first else ""
         cells = (
             f"{row['peak_mib']:.0f} | {row['above_model_mib']:.0f} | {ratio} | {row['seconds']:.1f} | {row['loss']:.3f}"

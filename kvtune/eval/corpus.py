@@ -1,7 +1,9 @@
 """Natural text that exists on every machine without a download: the Python standard library's own source.
 
 Two disjoint named corpora (see `data/README.md`): ``stdlib``, what haystacks and perplexity texts come from, and
-``stdlib_train``, what `kvtune fit` trains on by default, so that evaluation text is held out from training. Users
+``stdlib_train``, what `kvtune fit` trains on by default, so that evaluation text is held out from training. A third,
+``python_reference``, is English prose: the language reference as text that ships with the standard library
+(``pydoc_data.topics``, one document per topic), for training on prose as well as code; evaluation never reads it. Users
 can point any task or training run at their own corpus (PG19, proof-pile, ...) with a path: a text file, or a
 directory of ``.txt``/``.md`` files.
 """
@@ -56,6 +58,7 @@ TRAIN_MODULES = (
     "xml.dom.minidom",
 )
 CORPORA = {"stdlib": STDLIB_MODULES, "stdlib_train": TRAIN_MODULES}
+PROSE_CORPUS = "python_reference"
 
 
 def stdlib_text(index: int, modules: tuple[str, ...] = STDLIB_MODULES) -> str:
@@ -66,6 +69,10 @@ def stdlib_text(index: int, modules: tuple[str, ...] = STDLIB_MODULES) -> str:
 @lru_cache(maxsize=8)
 def corpus_documents(corpus: str | None = None) -> tuple[str, ...]:
     """The documents of a corpus: a named one (``None`` is ``stdlib``), one text file, or a directory of them."""
+    if corpus == PROSE_CORPUS:
+        from pydoc_data.topics import topics
+
+        return tuple(topics[name] for name in sorted(topics))
     modules = CORPORA.get(corpus or "stdlib")
     if modules is not None:
         return tuple(stdlib_text(i, modules) for i in range(len(modules)))
@@ -77,7 +84,8 @@ def corpus_documents(corpus: str | None = None) -> tuple[str, ...]:
         if files:
             return tuple(p.read_text(encoding="utf-8", errors="replace") for p in files)
     raise FileNotFoundError(
-        f"corpus {corpus!r} is neither one of {sorted(CORPORA)}, a text file, nor a directory of .txt/.md files"
+        f"corpus {corpus!r} is neither one of {sorted([*CORPORA, PROSE_CORPUS])}, a text file, "
+        "nor a directory of .txt/.md files"
     )
 
 

@@ -6,10 +6,14 @@ highest attention scores verbatim; the other half are convex-ish mixtures of the
 next-best entries and λ a learnable scalar. The same weights fuse keys and values; the official ``local_len`` option
 forces the most recent entries into the verbatim half. Deliberate differences, each
 documented in `docs/lococo.md`: scores and compression per KV head (GQA), an explicit bias initialisation, rows
-with padding or fewer valid entries than slots handled exactly.
+with padding or fewer valid entries than slots handled exactly, and two options: ``blend="sigmoid"`` (λ = σ(θ),
+so that a start near the one-hot pick still passes gradient to the conv) and ``normalize_scores`` (the policy ranks
+entries by attention per query that could see them, `kvtune.methods.base.visible_queries`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,8 @@ class LoCoCoCompressor(nn.Module):
         lambda_init: float = 0.5,
         init_std: float = 1.0,
         local_len: int = 0,
+        blend: str = "linear",
+        normalize_scores: bool = False,
     ) -> None:
         super().__init__()
         if mem_size < 2:
@@ -53,10 +59,16 @@ class LoCoCoCompressor(nn.Module):
         self.verbatim = mem_size - self.fused
         if not 0 <= local_len <= self.verbatim:
             raise ValueError(f"local_len must lie in [0, {self.verbatim}] (the verbatim slots), got {local_len}")
-        self.local_len = local_len
+        if blend not in ("linear", "sigmoid"):
+            raise ValueError(f"blend must be 'linear' (the official λ) or 'sigmoid' (λ = σ(θ)), got {blend!r}")
+        if blend == "sigmoid" and not 0.0 < lambda_init < 1.0:
+            raise ValueError(f"blend='sigmoid' needs lambda_init in (0, 1) (σ never reaches 0 or 1), got {lambda_init}")
+        self.local_len, self.blend_mode, self.normalize_scores = local_len, blend, normalize_scores
         self.conv = nn.Conv1d(2 * head_dim, self.fused, kernel_size, padding=kernel_size // 2)
+        # the raw parameter: λ itself ("linear"), or its logit ("sigmoid");
         # shape [1] as in the official code (a 0-dim parameter breaks DeepSpeed's broadcast)
-        self.blend = nn.Parameter(torch.tensor([float(lambda_init)]))
+        start = math.log(lambda_init / (1.0 - lambda_init)) if blend == "sigmoid" else lambda_init
+        self.blend = nn.Parameter(torch.tensor([float(start)]))
         self.init_std = init_std
         self.reset_parameters()
 
@@ -64,6 +76,11 @@ class LoCoCoCompressor(nn.Module):
         """N(0, init_std) weights as the official code (std 1), and a zero bias it forgot to initialise."""
         nn.init.normal_(self.conv.weight, 0.0, self.init_std)
         nn.init.zeros_(self.conv.bias)
+
+    @property
+    def blend_weight(self) -> torch.Tensor:
+        """λ, the weight of the conv's soft distributions against the one-hot picks."""
+        return torch.sigmoid(self.blend) if self.blend_mode == "sigmoid" else self.blend
 
     def mixing_weights(self, tokens: torch.Tensor, scores: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """``[B, H, C, N]`` weights of the fused slots over the ``N`` remaining entries (``rest`` marks real ones)."""
@@ -75,7 +92,8 @@ class LoCoCoCompressor(nn.Module):
         soft = soft.softmax(dim=-1)
         picks = scores.masked_fill(~rest, float("-inf")).topk(self.fused, dim=-1).indices.sort(dim=-1).values
         one_hot = torch.zeros_like(soft).scatter_(-1, picks[..., None], 1.0)
-        return (1.0 - self.blend) * one_hot + self.blend * soft
+        blend = self.blend_weight
+        return (1.0 - blend) * one_hot + blend * soft
 
     def forward(
         self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor

@@ -40,6 +40,10 @@ class LoCoCoConfig(PeftConfig):
     lambda_init: float = field(default=0.5, metadata={"help": "initial blend of soft weights vs one-hot residual"})
     init_std: float = field(default=1.0, metadata={"help": "std of the conv weights at initialisation"})
     local_len: int = field(default=0, metadata={"help": "most recent entries always kept verbatim (official ℓ)"})
+    blend: str = field(default="linear", metadata={"help": "λ parametrisation: 'linear' (official) or 'sigmoid'"})
+    normalize_scores: bool = field(
+        default=False, metadata={"help": "rank entries by attention per query that could see them, not column sums"}
+    )
     buffer: int = field(default=16, metadata={"help": "entries held beyond mem_size before compression fires"})
     position_interpolation: float = field(default=1.0, metadata={"help": "linear RoPE scaling factor trained with"})
     target_modules: list[str] | str | None = field(
@@ -99,6 +103,8 @@ class LoCoCoLayer(nn.Module, BaseTunerLayer):
             lambda_init=config.lambda_init,
             init_std=config.init_std,
             local_len=config.local_len,
+            blend=config.blend,
+            normalize_scores=config.normalize_scores,
         ).to(device=weight.device, dtype=weight.dtype)
         if config.lora_r > 0:
             self._add_lora(adapter_name, config)

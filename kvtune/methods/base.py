@@ -138,6 +138,30 @@ def group_reduce(per_query_head: torch.Tensor, group: int, how: str = "mean") ->
     return grouped.mean(dim=2) if how == "mean" else grouped.sum(dim=2)
 
 
+def visible_queries(ctx: LayerContext) -> torch.Tensor:
+    """How many of this call's queries could attend to each entry: ``[1, 1, L]`` (float, >= 1).
+
+    Column sums of attention give an entry one vote per query that could see it, so under causal attention the
+    oldest entries collect the most votes whatever their use. Entries stored before this call were visible to all
+    ``q`` queries; the call's own ``j``-th token (keys' last ``q`` entries) to ``q - j`` of them. Derived from the
+    call's shape because the cache does not yet record an absolute position per entry; where it does, this is
+    the one place to count from positions instead.
+    """
+    length, queries = ctx.keys.shape[2], ctx.query.shape[2]
+    own = torch.arange(length, device=ctx.keys.device) - (length - queries)  # index within this call's tokens
+    return (queries - own.clamp(min=0)).clamp(min=1).to(torch.float32)[None, None]
+
+
+def received_scores(ctx: LayerContext, normalize: bool, how: str = "mean") -> torch.Tensor:
+    """``[B, H_kv, L]`` attention each entry received from this call's queries, reduced over each GQA group.
+
+    ``normalize`` divides by `visible_queries` (mean attention per query that could see the entry, as kvpress's
+    observed-attention press does) instead of the plain column sum that favours old entries.
+    """
+    scores = ctx.column_scores / visible_queries(ctx) if normalize else ctx.column_scores
+    return group_reduce(scores, ctx.group_size, how=how)
+
+
 def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     """Softmax attention (fp32) of the last ``window`` queries over every key: ``[B, H, window, L]``."""
     group = ctx.group_size

@@ -1,5 +1,12 @@
 """`h2o`: Heavy-Hitter Oracle (Zhang et al.). Each entry accumulates the attention it receives from every query,
-prompt and generated; the cache keeps the heaviest entries plus a recent window, evicting at every decode step."""
+prompt and generated; the cache keeps the heaviest entries plus a recent window, evicting at every decode step.
+
+``normalize=True`` adds, per call, the attention an entry received divided by the number of that call's queries that
+could see it (`kvtune.methods.base.visible_queries`) instead of the plain column sum: within a prefill (or a chunk)
+the oldest entries no longer win by having had the most queries. Across calls the per-call means add up as H2O's
+sums do (a decode step is one query, so its term is the same either way): without a position per entry the cache
+cannot tell how many queries an entry has seen over its whole life, so the choice is to accumulate what is exact.
+"""
 
 import torch
 
@@ -8,10 +15,10 @@ from kvtune.methods.base import (
     Policy,
     evict_to,
     full_valid,
-    group_reduce,
     keep_top,
     per_head_counts,
     protect_recent,
+    received_scores,
     valid_lengths,
 )
 from kvtune.methods.registry import register
@@ -22,15 +29,17 @@ class H2O(Policy):
     needs_column_scores = True
     evicts_during_decoding = True
 
-    def __init__(self, budget=None, ratio=None, window: int = 32, recent_ratio: float = 0.5) -> None:
+    def __init__(
+        self, budget=None, ratio=None, window: int = 32, recent_ratio: float = 0.5, normalize: bool = False
+    ) -> None:
         super().__init__(budget, ratio, window)
         if not 0.0 <= recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must lie in [0, 1], got {recent_ratio}")
-        self.recent_ratio = recent_ratio
+        self.recent_ratio, self.normalize = recent_ratio, normalize
 
     def accumulated(self, ctx: LayerContext) -> torch.Tensor:
         """Attention received so far per KV head (summed over its query group), this call's queries included."""
-        received = group_reduce(ctx.column_scores, ctx.group_size, how="sum")
+        received = received_scores(ctx, self.normalize, how="sum")
         return received if ctx.aux is None else ctx.aux + received
 
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):

@@ -2,7 +2,8 @@
 
 Per (sample, KV head), at prefill:
 
-1. ``a_i``: attention each key received from this call's queries (H2O-style, summed over the GQA group).
+1. ``a_i``: attention each key received from this call's queries (H2O-style, summed over the GQA group); with
+   ``normalize=True`` divided by the number of queries that could see it (`kvtune.methods.base.visible_queries`).
 2. Protected, kept verbatim: the last ``recent`` entries and the ``heavy_ratio * budget`` entries with the largest
    ``a_i``.
 3. Links between neighbours ``i, i+1`` (neither protected) whose key cosine similarity is above ``threshold`` may be
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from kvtune.attention import LayerContext
 from kvtune.cache import Selection
-from kvtune.methods.base import Policy, full_valid, group_reduce, per_head_counts
+from kvtune.methods.base import Policy, full_valid, per_head_counts, received_scores
 from kvtune.methods.registry import register
 
 
@@ -82,13 +83,14 @@ class KVMerger(Policy):
         threshold: float = 0.75,
         sigma: float = 5.0,
         heavy_ratio: float = 0.1,
+        normalize: bool = False,
     ) -> None:
         super().__init__(budget, ratio, window)
-        self.threshold, self.sigma, self.heavy_ratio = threshold, sigma, heavy_ratio
+        self.threshold, self.sigma, self.heavy_ratio, self.normalize = threshold, sigma, heavy_ratio, normalize
 
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
         valid = full_valid(ctx)
-        attention = group_reduce(ctx.column_scores, ctx.group_size, how="sum")
+        attention = received_scores(ctx, self.normalize, how="sum")
         counts = per_head_counts(target, lengths)
         width = int(counts.max())
         indices = torch.full_like(counts[..., None].expand(-1, -1, width), ctx.keys.shape[2]).clone()

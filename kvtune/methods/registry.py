@@ -24,17 +24,25 @@ def available() -> list[str]:
     return names + [f"{r}+{m}" for r in routers for m in inner]
 
 
-def build(method: str, **kwargs):
-    """Instantiate a policy by name. ``a+b`` makes ``a`` route layers and ``b`` compress the layers it keeps."""
+def build(method: str, prefill_chunk: int | None = None, **kwargs):
+    """Instantiate a policy by name. ``a+b`` makes ``a`` route layers and ``b`` compress the layers it keeps.
+
+    ``prefill_chunk`` makes any method prefill prompts that many tokens at a time and compress between chunks (as
+    `lococo` does with its own chunk), so that methods compare under the same chunking; such a prefill cannot be
+    replayed from a shared full-cache recording.
+    """
     head, _, rest = method.partition("+")
     if head not in _REGISTRY or (rest and rest not in _REGISTRY):
         raise ValueError(f"unknown method '{method}'; valid names: {', '.join(available())}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
     cls = _REGISTRY[head]
-    if not rest:
-        return cls(**kwargs)
-    if not getattr(cls, "composes", False):
+    if rest and not getattr(cls, "composes", False):
         raise ValueError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
-    return cls(inner=rest, **kwargs)
+    policy = cls(inner=rest, **kwargs) if rest else cls(**kwargs)
+    if prefill_chunk is not None:
+        policy.prefill_chunk, policy.replayable = prefill_chunk, False
+    return policy
 
 
 def get(name: str) -> type:

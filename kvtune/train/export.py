@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kvtune.eval.corpus import CORPORA
+from kvtune.eval.corpus import CORPORA, PROSE_CORPUS
 from kvtune.models import EMBEDDED
 
 EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantised from
@@ -31,6 +31,7 @@ def model_card(run_dir: Path) -> str:
     base = EMBEDDED_ORIGIN if name == EMBEDDED else name
     method = config.get("method", {})
     source = config.get("data", {}).get("source")
+    offline = bool(source) and all(part in CORPORA or part == PROSE_CORPUS for part in source.split("+"))
     lines = [
         "---",
         "library_name: peft",
@@ -51,7 +52,7 @@ def model_card(run_dir: Path) -> str:
         f"{config.get('model', {}).get('position_interpolation', 1.0)}",
         f"- sequences of {method.get('block_size', 0) * config.get('data', {}).get('chunks', 0)} tokens from "
         f"`{config.get('data', {}).get('source', '?')}`"
-        + (" (Python standard-library source, kvtune's offline corpus)" if source in CORPORA else ""),
+        + (" (kvtune's offline corpora: Python standard-library source and reference)" if offline else ""),
         f"- steps: {config.get('trainer', {}).get('max_steps', '?')}",
         "",
         "## Metrics",

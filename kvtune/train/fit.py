@@ -61,6 +61,8 @@ def build_adapted_model(
         lambda_init=method.lambda_init,
         init_std=method.init_std,
         local_len=method.local_len,
+        blend=method.blend,
+        normalize_scores=method.normalize_scores,
         buffer=method.buffer,
         position_interpolation=cfg.model.position_interpolation,
         lora_r=method.lora_r if "lora" in parts else 0,
@@ -93,6 +95,8 @@ def fit(
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
         max_train_sequences=cfg.data.max_train_sequences,
+        val_length=cfg.data.val_length,
+        val_source=cfg.data.val_source,
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     module = ChunkedLM(
@@ -105,6 +109,10 @@ def fit(
         accumulate=cfg.optim.accumulate,
         max_steps=trainer_kwargs.get("max_steps", -1) if trainer_kwargs.get("max_steps", -1) > 0 else 1000,
         gradient_checkpointing=cfg.optim.gradient_checkpointing,
+        objective=cfg.method.objective,
+        bptt_chunks=cfg.optim.bptt_chunks,
+        warmup_steps=cfg.optim.warmup_steps,
+        lr_blend=cfg.optim.lr_blend,
     )
     checkpoints = output_dir / "checkpoints"
     ckpt_path = resume_path(checkpoints, cfg.ckpt_path)
@@ -119,6 +127,11 @@ def fit(
     trainer = pl.Trainer(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
+    # the untrained compressor: the validation curve's step 0 (one process only: a multi-process strategy would
+    # launch its ranks here, before fit; not in a fast_dev_run smoke check)
+    first_curve_point = ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0
+    if first_curve_point and trainer.world_size == 1 and not trainer.fast_dev_run:
+        trainer.validate(module, datamodule=data, verbose=False)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))

@@ -1,9 +1,12 @@
 """`ChunkedLM`: a Lightning module that trains KV compressors the way they are used, chunk by chunk.
 
 Each sequence is fed ``block_size`` tokens at a time through kvtune's cache with the `lococo` method, so every chunk
-attends to the fused memory plus itself; the loss is next-token cross-entropy inside each chunk, and each chunk is
-backpropagated on its own (manual optimisation) so that memory stays flat whatever the sequence length. Only the
-trainable adapters' tensors go into checkpoints.
+attends to the fused memory plus itself; the loss (next-token cross-entropy, or distillation from the full-cache
+model) is taken inside each chunk, and chunks are backpropagated one (or ``bptt_chunks``) at a time (manual
+optimisation) so that memory stays flat whatever the sequence length. Validation reports what ``kvtune eval
+task=perplexity`` reports: chunked perplexity of held-out windows, first chunk unscored (`kvtune.train.fit` also
+scores the untrained compressor before the first step, ``val/ppl`` at step 0). Only the trainable adapters' tensors
+go into checkpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -19,25 +23,58 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from kvtune.api import cache_kwargs, new_cache
+from kvtune.eval.runner import chunked_nll
 from kvtune.methods import build
 
 
-def parameter_groups(model: nn.Module, lr_compressor: float, lr_embed_norm: float, lr_lora: float) -> list[dict]:
-    """The paper's optimiser groups: compressors, embeddings and norms, LoRA (only groups with trainable tensors)."""
-    groups: dict[str, list[nn.Parameter]] = {"compressor": [], "embed_norm": [], "lora": []}
+def parameter_groups(
+    model: nn.Module, lr_compressor: float, lr_embed_norm: float, lr_lora: float, lr_blend: float | None = None
+) -> list[dict]:
+    """The paper's optimiser groups: compressors, embeddings and norms, LoRA (only groups with trainable tensors).
+
+    ``lr_blend`` gives the compressors' λ its own rate: one scalar per layer that Adam moves by about its rate per
+    step, while the conv's rate is matched to its small initial weights (None: λ trains with the conv).
+    """
+    groups: dict[str, list[nn.Parameter]] = {"compressor": [], "blend": [], "embed_norm": [], "lora": []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         if "lococo_" in name:
-            groups["compressor"].append(parameter)
+            groups["blend" if lr_blend is not None and name.endswith(".blend") else "compressor"].append(parameter)
         elif "lora_" in name:
             groups["lora"].append(parameter)
         elif "embed" in name or "norm" in name:
             groups["embed_norm"].append(parameter)
         else:
             raise ValueError(f"trainable parameter {name!r} belongs to no optimiser group")
-    rates = {"compressor": lr_compressor, "embed_norm": lr_embed_norm, "lora": lr_lora}
+    rates = {"compressor": lr_compressor, "blend": lr_blend, "embed_norm": lr_embed_norm, "lora": lr_lora}
     return [{"params": p, "lr": rates[g], "name": g} for g, p in groups.items() if p]
+
+
+OBJECTIVES = ("lm", "distill", "distill+lm")
+
+
+def objective_parts(objective: str) -> set[str]:
+    """``"distill+lm"`` -> ``{"distill", "lm"}``, checked."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"method.objective must be one of {OBJECTIVES}, got {objective!r}")
+    return set(objective.split("+"))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions (``[..., vocab]`` logits).
+
+    Tokens the chunk predicts as well from its own text as the full cache does cost nothing: the loss is exactly
+    what the compressed memory loses against the uncompressed one, not the whole language-modelling loss.
+    """
+    teacher = teacher_logits.float().log_softmax(dim=-1).flatten(0, -2)
+    student = student_logits.float().log_softmax(dim=-1).flatten(0, -2)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def _teacher(model: nn.Module):
+    """The frozen base model: PEFT's ``disable_adapter`` (LoRA, saved embeddings/norms off), or the model itself."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
 def chunked_losses(
@@ -46,24 +83,57 @@ def chunked_losses(
     block_size: int,
     buffer: int = 16,
     backward: Callable[[torch.Tensor], None] | None = None,
+    objective: str = "lm",
+    bptt_chunks: int = 1,
 ) -> list[float]:
-    """Feed ``ids`` (``[B, T]``) ``block_size`` tokens at a time through a `lococo` cache; mean loss per chunk.
+    """Feed ``ids`` (``[B, T]``) ``block_size`` tokens at a time through a `lococo` cache; the loss of each chunk.
 
-    With ``backward``, each chunk's loss is handed to it as soon as the chunk is done (Lightning's
-    ``manual_backward``, DeepSpeed's ``engine.backward``, or ``Tensor.backward``), so that at most one chunk's graph
-    is alive: memory does not grow with the sequence. Chunks before the first compression have no trainable tensor
-    on their path (without LoRA) and are not backpropagated.
+    ``objective``: ``lm`` is next-token cross-entropy inside each chunk (the paper's); ``distill`` is
+    KL(teacher || student) against the frozen base model fed the same chunks through an uncompressed cache, one
+    no-grad teacher chunk per student chunk (its logits exist for one chunk at a time); ``distill+lm`` adds both.
+    The first chunk attends to no memory and has no distillation term.
+
+    With ``backward``, the summed loss of every ``bptt_chunks`` chunks is handed to it (Lightning's
+    ``manual_backward``, DeepSpeed's ``engine.backward``, or ``Tensor.backward``) as soon as they are done, so the
+    gradient runs through that many compressions while at most ``bptt_chunks`` chunks' graphs are alive: memory
+    does not grow with the sequence. Chunks with no trainable tensor on their path are not backpropagated.
     """
-    cache = new_cache(model, build("lococo", chunk=block_size, buffer=buffer))
-    losses = []
-    for start in range(0, ids.shape[1], block_size):
+    parts = objective_parts(objective)
+    if bptt_chunks < 1:
+        raise ValueError(f"bptt_chunks must be at least 1, got {bptt_chunks}")
+    truncate = bptt_chunks == 1 or backward is None
+    cache = new_cache(model, build("lococo", chunk=block_size, buffer=buffer, truncate=truncate))
+    teacher_cache = new_cache(model, None) if "distill" in parts else None
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []
+    starts = range(0, ids.shape[1], block_size)
+    for index, start in enumerate(starts):
         piece = ids[:, start : start + block_size]
         positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
         out = model(input_ids=piece, position_ids=positions, **cache_kwargs(model, cache), use_cache=True)
-        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), piece[:, 1:].flatten())
-        if backward is not None and loss.requires_grad:
-            backward(loss)
+        logits = out.logits[:, :-1]
+        loss = torch.zeros((), device=logits.device)
+        if "lm" in parts:
+            loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), piece[:, 1:].flatten())
+        if teacher_cache is not None:
+            with torch.no_grad(), _teacher(model):
+                teacher = model(
+                    input_ids=piece, position_ids=positions, **cache_kwargs(model, teacher_cache), use_cache=True
+                ).logits[:, :-1]
+            if index > 0:
+                loss = loss + distillation_loss(logits, teacher)
+            del teacher
         losses.append(float(loss.detach()))
+        if backward is None:
+            continue
+        if loss.requires_grad:
+            pending.append(loss)
+        if len(pending) == bptt_chunks or (pending and index == len(starts) - 1):
+            backward(torch.stack(pending).sum())
+            pending = []
+            if not truncate:  # the graph is spent: the memory continues as a constant
+                for layer in cache.layers:
+                    layer.detach()
     return losses
 
 
@@ -81,11 +151,18 @@ class ChunkedLM(LightningModule):
         accumulate: int = 1,
         max_steps: int = 100,
         gradient_checkpointing: bool = False,
+        objective: str = "lm",
+        bptt_chunks: int = 1,
+        warmup_steps: int = 0,
+        lr_blend: float | None = None,
     ) -> None:
         super().__init__()
+        objective_parts(objective)
         self.model, self.block_size, self.buffer = model, block_size, buffer
-        self.rates = (lr_compressor, lr_embed_norm, lr_lora)
+        self.rates = (lr_compressor, lr_embed_norm, lr_lora, lr_blend)
         self.accumulate, self.max_steps = accumulate, max_steps
+        self.objective, self.bptt_chunks, self.warmup_steps = objective, bptt_chunks, warmup_steps
+        self.val_nlls: list[float] = []
         self.automatic_optimization = False
         self.replicated: list[nn.Parameter] = []  # adapters FSDP2 leaves whole (configure_model)
         self.strict_loading = False  # checkpoints hold the adapters only
@@ -97,7 +174,7 @@ class ChunkedLM(LightningModule):
         """Mean loss per chunk of ``ids`` (``[B, T]``); in training each chunk's loss is backpropagated at once."""
         scale = 1.0 / (math.ceil(ids.shape[1] / self.block_size) * self.accumulate)
         backward = (lambda loss: self.manual_backward(loss * scale)) if train else None
-        return chunked_losses(self.model, ids, self.block_size, self.buffer, backward)
+        return chunked_losses(self.model, ids, self.block_size, self.buffer, backward, self.objective, self.bptt_chunks)
 
     def configure_model(self) -> None:
         """FSDP2 (``strategy=fsdp2``): shard the frozen base weights per decoder layer; keep the adapters whole.
@@ -152,15 +229,30 @@ class ChunkedLM(LightningModule):
             self.trainer.datamodule.consumed = 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        with torch.no_grad():
-            losses = self.chunk_losses(batch, train=False)
-        loss = sum(losses) / len(losses)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch.shape[0])
-        self.log("val/ppl", math.exp(loss), batch_size=batch.shape[0])
+        """Chunked NLL of held-out windows, scored as `kvtune eval task=perplexity` does (first chunk left out)."""
+        cache = new_cache(self.model, build("lococo", chunk=self.block_size, buffer=self.buffer))
+        losses, _ = chunked_nll(self.model, cache, batch, self.block_size)
+        self.val_nlls += losses[:, self.block_size - 1 :].mean(dim=1).tolist()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_nlls:
+            return
+        nll = sum(self.val_nlls) / len(self.val_nlls)
+        self.val_nlls = []
+        self.log("val/loss", nll, prog_bar=True)
+        self.log("val/ppl", math.exp(nll))
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the paper's groups; linear warm-up over ``warmup_steps``, then linear decay to 0."""
         optimizer = torch.optim.AdamW(parameter_groups(self.model, *self.rates), weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / self.max_steps))
+        warmup, total = self.warmup_steps, self.max_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""Validation perplexity against optimiser step, one line per `kvtune fit` run (the LoCoCo ablation's curves).
+
+    python scripts/plot_lococo_curves.py --out docs/results/lococo_ablation/curves.png NAME=RUN_DIR [NAME=RUN_DIR ...]
+
+Reads each run's CSV log (``RUN_DIR/csv/version_*/metrics.csv``: ``val/ppl`` at step 0 is the untrained
+compressor) and writes the plot plus the points as JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+
+def validation_curve(run_dir: str | Path) -> list[tuple[int, float]]:
+    """``(step, val/ppl)`` points of a run, in step order (the newest CSV version wins for a repeated step)."""
+    points: dict[int, float] = {}
+    for path in sorted(Path(run_dir).glob("csv/version_*/metrics.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("val/ppl"):
+                    points[int(row["step"])] = float(row["val/ppl"])
+    return sorted(points.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for spec in args.runs:
+        name, _, folder = spec.partition("=")
+        curves[name] = validation_curve(folder)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        if points:
+            axis.plot([s for s, _ in points], [p for _, p in points], marker="o", label=name)
+    axis.set_xlabel("optimiser step")
+    axis.set_ylabel("validation perplexity (4K chunked, held out)")
+    axis.set_title("LoCoCo training, 128 slots, embedded SmolLM2")
+    axis.legend()
+    figure.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    out.with_suffix(".json").write_text(json.dumps(curves, indent=2))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from functools import cache
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from kvtune.attention import CACHE_KEYWORDS, use_kvtune_attention
 from kvtune.cache import KVCache
@@ -67,6 +67,11 @@ def compress(
                     f"kvtune.compress cannot compress a {type(cache).__name__} that already holds "
                     f"{cache.get_seq_length()} tokens (their queries are gone); inside compress, start from no cache "
                     "or an empty one, or use a kvtune cache (kvtune.new_cache) from the first token on"
+                )
+            if type(cache) is not DynamicCache:
+                raise ValueError(
+                    f"kvtune.compress replaces the model's cache with its own and cannot honour a "
+                    f"{type(cache).__name__} (e.g. cache_implementation='static'); leave the cache to compress"
                 )
             cache = None
         if cache is None:

@@ -574,6 +574,14 @@ class KVCache(Cache):
         keys.kvtune_call.layer_idx, keys.kvtune_call.cache = layer_idx, self
         return keys, values
 
+    def offload(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Move one layer's storage to CPU (synchronously: kvtune keeps no prefetch stream)."""
+        self.layers[layer_idx].offload()
+
+    def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Bring one offloaded layer back to its device."""
+        self.layers[layer_idx].prefetch()
+
     def nbytes(self) -> int:
         """Bytes of the storage all layers keep alive (deduplicated across layers)."""
         found: dict[int, int] = {}

@@ -117,7 +117,9 @@ def attend_with_received(
     heads_kv, length = keys.shape[1], keys.shape[2]
     grouped = _grouped(query, heads_kv)
     keys_t, values_g = keys[:, :, None].transpose(3, 4), values[:, :, None]
-    out = torch.empty(batch, heads_kv, heads // heads_kv, q_len, values.shape[-1], dtype=query.dtype, device=query.device)
+    out = torch.empty(
+        batch, heads_kv, heads // heads_kv, q_len, values.shape[-1], dtype=query.dtype, device=query.device
+    )
     received = torch.zeros(batch, heads_kv, heads // heads_kv, length, dtype=torch.float32, device=query.device)
     if valid is None:
         valid = torch.ones(batch, 1, length, dtype=torch.bool, device=query.device)
@@ -164,8 +166,11 @@ def attend_segments(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> 
         mask = None if valid is None else valid[start : start + size][None, :]
         outs.append(
             F.scaled_dot_product_attention(
-                rows[index][None], keys[start : start + size][None], values[start : start + size][None],
-                attn_mask=mask, scale=scaling,
+                rows[index][None],
+                keys[start : start + size][None],
+                values[start : start + size][None],
+                attn_mask=mask,
+                scale=scaling,
             )  # fmt: skip
         )
     return torch.cat(outs).view(batch, heads, 1, values.shape[-1])
@@ -290,7 +295,9 @@ def use_kvtune_attention(model: PreTrainedModel) -> None:
         return
     current = decoder.config._attn_implementation
     if current not in SUPPORTED_BASES:
-        raise NotImplementedError(f"kvtune's CPU attention replaces {SUPPORTED_BASES}; the model was loaded with '{current}'")
+        raise NotImplementedError(
+            f"kvtune's CPU attention replaces {SUPPORTED_BASES}; the model was loaded with '{current}'"
+        )
     decoder.register_forward_pre_hook(_switch_on, with_kwargs=True)
     decoder.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
     decoder._kvtune_switch = True

@@ -80,7 +80,7 @@ class DenseView:
     positions: torch.Tensor | None = None
 
 
-def _storage_bytes(tensors) -> dict[int, int]:
+def storage_bytes(tensors) -> dict[int, int]:
     """``{data_ptr: bytes}`` of the storages these tensors keep alive."""
     found = {}
     for t in tensors:
@@ -261,7 +261,11 @@ class RaggedLayer(CacheLayerMixin):
             return out
 
         self._keys, self._values = moved(self._keys, 0.0), moved(self._values, 0.0)
-        self._positions, self._valid, self._aux = moved(self._positions, 0), moved(self._valid, True), moved(self._aux, 0.0)
+        self._positions, self._valid, self._aux = (
+            moved(self._positions, 0),
+            moved(self._valid, True),
+            moved(self._aux, 0.0),
+        )
         self._set_geometry(lengths, room)
 
     def attention_inputs(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -534,7 +538,9 @@ class RaggedLayer(CacheLayerMixin):
 
     def storages(self) -> dict[int, int]:
         """``{data_ptr: bytes}`` of every storage the layer keeps alive."""
-        return _storage_bytes([self._keys, self._values, self._positions, self._valid, self._aux, self._base, self._ends])
+        return storage_bytes(
+            [self._keys, self._values, self._positions, self._valid, self._aux, self._base, self._ends]
+        )
 
 
 class KVCache(Cache):

@@ -89,6 +89,7 @@ def run_bench(cfg) -> list[dict]:
         list(cfg.context_lengths),
         list(cfg.batch_sizes),
         cfg.decode_tokens,
+        list(cfg.prefill_chunks),
     )
     Path(cfg.output).write_text(json.dumps(rows, indent=2))
     print(markdown_table(rows))

@@ -79,7 +79,9 @@ def test_crop_back_to_what_the_cache_holds():
     cache.crop(-6)
     assert cache.get_seq_length() == 40
     assert all(torch.equal(layer.dense().keys, k) for layer, k in zip(cache.layers, before))
-    assert all(torch.equal(layer.dense().positions[..., -4:], torch.arange(36, 40).expand(2, 2, -1)) for layer in cache.layers)
+    assert all(
+        torch.equal(layer.dense().positions[..., -4:], torch.arange(36, 40).expand(2, 2, -1)) for layer in cache.layers
+    )
     # the compressed part: its window (4 tokens) is all that still stands as it was
     cache.crop(37)
     assert cache.get_seq_length() == 37 and all(int(n.max()) == 13 for n in cache.lengths())
@@ -94,7 +96,9 @@ def test_batch_select_repeat_and_reorder():
     for layer, view in zip(cache.layers, dense):
         got = layer.dense()
         for new, old in ((0, 2), (1, 0)):
-            assert torch.equal(got.keys[new][got.valid.expand(2, 2, -1)[new]], view.keys[old][view.valid.expand(3, 2, -1)[old]])
+            assert torch.equal(
+                got.keys[new][got.valid.expand(2, 2, -1)[new]], view.keys[old][view.valid.expand(3, 2, -1)[old]]
+            )
     cache.batch_repeat_interleave(2)
     assert cache.batch_size == 4 and all(torch.equal(n[0], n[1]) and torch.equal(n[2], n[3]) for n in cache.lengths())
     cache.reorder_cache(torch.tensor([3, 3, 0, 1]))

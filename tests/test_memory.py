@@ -86,7 +86,9 @@ def test_one_shot_prefill_frees_each_layer_before_the_next_runs():
     handles = [model.model.layers[i].register_forward_pre_hook(check(i)) for i in range(1, 4)]
     try:
         with torch.no_grad():
-            kvtune.api.prefill(model, kvtune.new_cache(model, policy), torch.randint(0, 97, (1, 300)), torch.ones(1, 300))
+            kvtune.api.prefill(
+                model, kvtune.new_cache(model, policy), torch.randint(0, 97, (1, 300)), torch.ones(1, 300)
+            )
             assert all(ref() is None for ref in policy.refs[3])
     finally:
         gc.enable()
@@ -138,7 +140,9 @@ def test_storage_after_a_4k_prefill_every_layer_method(embedded, long_ids):
         target = BUDGET
         if "pyramidkv" in method:
             window = min(32, BUDGET)
-            target = int(pyramid_targets(torch.tensor([BUDGET]), torch.tensor([LENGTH]), window, index, len(cache.layers)))
+            target = int(
+                pyramid_targets(torch.tensor([BUDGET]), torch.tensor([LENGTH]), window, index, len(cache.layers))
+            )
         assert mean <= target, (method, index, mean)
         assert reachable_storage(layer) <= 1.1 * layer_full * target / LENGTH, (method, index)
 

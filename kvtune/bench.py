@@ -185,9 +185,11 @@ def bench(
     batch_sizes: list[int],
     decode_tokens: int = 32,
     prefill_chunks: list[int | None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every configuration, with ratios against stock `full` (and decode against the ``budget``-token reference)
-    of the same context length and batch size."""
+    of the same context length and batch size. ``progress`` sees each raw row as soon as it is measured."""
+    report = progress or (lambda row: None)
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be at least 1, got {decode_tokens}")
     prefill_chunks = [None] if prefill_chunks is None else list(prefill_chunks)
@@ -205,12 +207,16 @@ def bench(
         for batch in batch_sizes:
             ids = _input_ids(tokenizer, length, batch, model.device)
             full = measure(model, ids, "full", None, decode_tokens)
+            report(full)
             references = {b: measure(model, ids[:, :b], "reference", b, decode_tokens) for b in budgets}
             group = [full, *references.values()]
+            for row in references.values():
+                report(row)
             for method in (m for m in methods if m != "full"):
                 for budget in budgets:
                     for chunk in prefill_chunks:
                         group.append(measure(model, ids, method, budget, decode_tokens, chunk))
+                        report(group[-1])
             for row in group:
                 row["prefill_ratio"] = row["prefill_s"] / full["prefill_s"]
                 row["decode_ratio"] = row["decode_tok_s"] / full["decode_tok_s"]

@@ -499,23 +499,45 @@ class RaggedLayer(CacheLayerMixin):
 
     def _compact_lazily(self, selection: Selection, view: DenseView) -> bool:
         """Mark unselected entries invalid in place, when that is all the selection does and few holes result."""
-        if not self._uniform or selection.keys is not None or selection.positions is not None:
+        if not self._lazy_ok(view) or selection.keys is not None or selection.positions is not None:
             return False
         used = self._width
-        if view.keys.shape[2] != used or torch.is_grad_enabled() and self._keys.requires_grad:
-            return False
         indices, counts = selection.indices, selection.counts
         if used - int(counts.min()) > max(LAZY_HOLES, used // LAZY_HOLES_FRACTION):
             return False
         in_count = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
         keep = torch.zeros(self.batch, self.heads, used + 1, dtype=torch.bool, device=self.device)
         keep.scatter_(2, torch.where(in_count, indices, used), True)
+        self._mark(keep[:, :, :used], view.aux)
+        return True
+
+    def _lazy_ok(self, view: DenseView) -> bool:
+        """Whether ``view`` is this uniform layer's own storage, which may then be marked in place."""
+        return (
+            self._uniform
+            and view.keys.shape[2] == self._width
+            and not (torch.is_grad_enabled() and self._keys.requires_grad)
+        )
+
+    def _mark(self, keep: torch.Tensor, aux: torch.Tensor | None) -> None:
         if self._valid is None:
             self._valid = torch.ones(self._keys.shape[0], dtype=torch.bool, device=self.device)
-        self._view4(self._valid)[:, :, :used] = keep[:, :, :used]
-        if view.aux is not None:
-            self.set_aux(view.aux)
-        return True
+        self._view4(self._valid)[:, :, : self._width] = keep
+        if aux is not None:
+            self.set_aux(aux)
+
+    def evict(self, drop: torch.Tensor, view: DenseView | None = None) -> None:
+        """Remove the entries ``drop`` marks (``[B, H_kv, L]`` over ``view``, the current dense view by default):
+        the cheap form of `compact` for a decoding step that evicts a few entries. ``view.aux`` is written back."""
+        view = view if view is not None else self.dense()
+        keep = view.valid & ~drop
+        holes = self._width - int(keep.sum(dim=-1).min())
+        if self._lazy_ok(view) and holes <= max(LAZY_HOLES, self._width // LAZY_HOLES_FRACTION):
+            self._mark(keep, view.aux)
+            return
+        counts = keep.sum(dim=-1)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., : int(counts.max())]
+        self._rebuild(Selection(order, counts), view)
 
     def detach(self) -> None:
         """Cut stored entries from any autograd graph (a trained compressor's output is trained by one chunk only)."""

@@ -167,3 +167,27 @@ def test_fused_slots_have_no_position_and_positions_survive_compaction():
     fused = torch.randn(1, 2, 2, 4)
     layer.compact(Selection(torch.tensor([[[0, 1], [0, 1]]]), torch.tensor([[2, 2]]), fused, fused))
     assert (layer.dense().positions == FUSED).all()
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm"])
+def test_decode_eviction_fast_path_keeps_what_the_general_selection_keeps(method, monkeypatch):
+    def run():
+        model = tiny_llama()
+        ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad(), kvtune.compress(model, method, budget=16, window=4):
+            out = model(ids, use_cache=True)
+            cache, logits = out.past_key_values, [out.logits[:, -1]]
+            for step in range(24):
+                logits.append(_decode(model, cache, logits[-1].argmax(-1, keepdim=True), 40 + step)[:, -1])
+        return [layer.dense() for layer in cache.layers], torch.stack(logits)
+
+    fast_views, fast_logits = run()
+    module = kvtune.methods.h2o if method == "h2o" else kvtune.methods.streaming_llm
+    monkeypatch.setattr(module, "over_by_one", lambda ctx, target: False)
+    slow_views, slow_logits = run()
+    assert torch.equal(fast_logits, slow_logits)
+    for fast, slow in zip(fast_views, slow_views):
+        for view in (fast, slow):
+            assert view.valid.expand(2, 2, -1).sum(-1).eq(16).all()
+        kept = [v.keys[v.valid.expand(2, 2, -1)] for v in (fast, slow)]
+        assert torch.equal(kept[0], kept[1])

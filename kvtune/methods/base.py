@@ -95,6 +95,11 @@ def evict_to(policy: Policy, ctx: LayerContext, target: torch.Tensor, aux: torch
     ctx.layer.compact(policy.select(ctx, lengths, target), view=dense_view(ctx, aux))
 
 
+def over_by_one(ctx: LayerContext, target: torch.Tensor) -> bool:
+    """Whether every head holds exactly one valid entry more than ``target``: a decoding step's eviction."""
+    return bool((valid_lengths(ctx) == target[:, None] + 1).all())
+
+
 def dense_view(ctx: LayerContext, aux: torch.Tensor | None = None) -> DenseView:
     return DenseView(ctx.keys, ctx.values, ctx.valid, ctx.aux if aux is None else aux, ctx.layer, ctx.positions)
 

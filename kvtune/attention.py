@@ -28,7 +28,7 @@ from kvtune.cache import AttentionCall, KVCache, RaggedLayer
 BACKEND = "kvtune"
 SUPPORTED_BASES = ("sdpa", "eager")
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
-RECEIVED_BLOCK_ELEMENTS = 1 << 21  # attention probabilities held at once while received attention is summed
+RECEIVED_BLOCK_ELEMENTS = 1 << 22  # attention probabilities held at once while received attention is summed
 
 
 @dataclass
@@ -110,32 +110,58 @@ def attend(
 def attend_with_received(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention and the attention each key received (summed over the queries, fp32 ``[B, H, L]``) in one
-    pass over query blocks: each block sees only the keys up to its last query (fully masked blocks are skipped)
-    and at most `RECEIVED_BLOCK_ELEMENTS` probabilities exist at a time."""
+    """Causal attention and the attention each key received, summed over the queries (fp32 ``[B, H, L]``).
+
+    A one-shot prefill with no padding on CPU uses two flash-attention passes: the forward pass also returns each
+    query's log-sum-exp ``lse_q``; then, with keys as rows and queries as columns (positions reversed, so that the
+    mask stays causal) and ``-lse_q`` carried in an extra dimension, the second pass's log-sum-exp is
+    ``log sum_q exp(q·k - lse_q)``, the log of what key ``k`` received. Otherwise the output is `attend`'s and the
+    received attention comes from `_received_causal`.
+    """
+    q_len, length = query.shape[2], keys.shape[2]
+    if valid is None and q_len == length and query.device.type == "cpu" and not torch.is_grad_enabled():
+        return _attend_and_received_flash(query, keys, values, scaling)
+    return attend(query, keys, values, valid, scaling), _received_causal(query, keys, valid, scaling)
+
+
+def _attend_and_received_flash(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    group = query.shape[1] // keys.shape[1]
+    keys_h = keys.repeat_interleave(group, dim=1)
+    out, lse = flash(query, keys_h, values.repeat_interleave(group, dim=1), 0.0, True, scale=scaling)[:2]
+    rows = torch.cat([keys_h.float() * scaling, keys_h.new_ones(*keys_h.shape[:3], 1, dtype=torch.float32)], dim=-1)
+    del keys_h
+    columns = torch.cat([query.float(), -lse[..., None].float()], dim=-1).flip(2)
+    # the second pass's output is never read: the columns stand in as values (same shape, no extra memory)
+    received_lse = flash(rows.flip(2), columns, columns, 0.0, True, scale=1.0)[1]
+    return out, received_lse.flip(2).exp()
+
+
+@torch.no_grad()  # a statistic for selection: never part of a training graph
+def _received_causal(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float):
     batch, heads, q_len, dim = query.shape
     heads_kv, length = keys.shape[1], keys.shape[2]
-    grouped = _grouped(query, heads_kv)
-    keys_t, values_g = keys[:, :, None].transpose(3, 4), values[:, :, None]
-    out = torch.empty(
-        batch, heads_kv, heads // heads_kv, q_len, values.shape[-1], dtype=query.dtype, device=query.device
-    )
-    received = torch.zeros(batch, heads_kv, heads // heads_kv, length, dtype=torch.float32, device=query.device)
-    if valid is None:
-        valid = torch.ones(batch, 1, length, dtype=torch.bool, device=query.device)
-    block = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * length))
+    group = heads // heads_kv
+    grouped, keys_t = _grouped(query, heads_kv), keys.transpose(2, 3)
+    received = torch.zeros(batch, heads_kv, group, length, dtype=torch.float32, device=query.device)
+    rows = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * length))
     offset = length - q_len
-    for start in range(0, q_len, block):
-        stop = min(start + block, q_len)
-        seen = offset + stop  # keys visible to the block's last query
-        logits = torch.matmul(grouped[:, :, :, start:stop].float(), keys_t[..., :seen].float()) * scaling
-        own = torch.arange(offset + start, seen, device=query.device)[:, None]
-        cols = torch.arange(seen, device=query.device)[None, :]
-        allowed = (valid[:, :, None, None, :seen] & (cols <= own)) | (cols == own)
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        out[:, :, :, start:stop] = torch.matmul(probs, values_g[..., :seen, :].float()).to(out.dtype)
-        received[..., :seen] += probs.sum(dim=-2)
-    return out.flatten(1, 2), received.flatten(1, 2)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        count, seen = stop - start, offset + stop  # the block's queries see keys [0, seen)
+        block = grouped[:, :, :, start:stop].reshape(batch, heads_kv, group * count, dim)
+        logits = torch.matmul(block, keys_t[..., :seen]).mul_(scaling).view(batch, heads_kv, group, count, seen)
+        future = torch.ones(count, count, dtype=torch.bool, device=query.device).triu(1)
+        if valid is not None:
+            own = torch.eye(count, dtype=torch.bool, device=query.device)
+            blocked = (~valid[:, :, None, None, :seen]).expand(-1, -1, 1, count, -1).clone()
+            blocked[..., seen - count :] &= ~own
+            blocked[..., seen - count :] |= future
+            logits.masked_fill_(blocked, float("-inf"))
+        else:
+            logits[..., seen - count :].masked_fill_(future, float("-inf"))
+        received[..., :seen] += torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=3)
+    return received.flatten(1, 2)
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph

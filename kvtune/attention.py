@@ -202,6 +202,19 @@ def attend_segments(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> 
     return torch.cat(outs).view(batch, heads, 1, values.shape[-1])
 
 
+_LAST_MASK: list = [None, 0, None]  # (mask, query length, its padding): every layer of a forward gets the same mask
+
+
+def _padding_of_new_tokens(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+    """``[B, q]`` validity of this call's tokens, or None when they are all real (checked once per forward)."""
+    if attention_mask is None:
+        return None
+    if _LAST_MASK[0] is not attention_mask or _LAST_MASK[1] != q_len:
+        new_valid = attention_mask[:, -q_len:].bool()
+        _LAST_MASK[:] = [attention_mask, q_len, None if bool(new_valid.all()) else new_valid]
+    return _LAST_MASK[2]
+
+
 def kvtune_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -223,13 +236,12 @@ def kvtune_attention(
         valid = None if attention_mask is None else attention_mask[:, None, -key.shape[2] :].bool()
         return attend(query, key, value, valid, scaling).transpose(1, 2).contiguous(), None
     layer, valid, ragged = call.layer, call.valid, call.ragged
-    if attention_mask is not None:
-        new_valid = attention_mask[:, -q_len:].bool()
-        if not bool(new_valid.all()):
-            layer.mark_new_valid(new_valid)
-            if not ragged:
-                valid = valid.clone() if valid is not None else new_valid.new_ones(key.shape[0], 1, key.shape[2])
-                valid[:, :, -q_len:] &= new_valid[:, None, :]
+    new_valid = _padding_of_new_tokens(attention_mask, q_len)
+    if new_valid is not None:
+        layer.mark_new_valid(new_valid)
+        if not ragged:
+            valid = valid.clone() if valid is not None else new_valid.new_ones(key.shape[0], 1, key.shape[2])
+            valid[:, :, -q_len:] &= new_valid[:, None, :]
     cache = call.cache
     policy = cache.policy if cache is not None else None
     compressing = policy is not None and q_len > 1 and cache.prefilling

@@ -119,6 +119,14 @@ def attend_with_received(
     received attention comes from `_received_causal`.
     """
     q_len, length = query.shape[2], keys.shape[2]
+    if q_len == 1:  # a decoding step: the probabilities are the received attention
+        batch, heads, _, dim = query.shape
+        logits = torch.matmul(query.view(batch, keys.shape[1], -1, dim), keys.transpose(2, 3)).mul_(scaling)
+        if valid is not None:
+            logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        out = torch.matmul(probs.to(values.dtype), values).view(batch, heads, 1, values.shape[-1])
+        return out, probs.view(batch, heads, length)
     if valid is None and q_len == length and query.device.type == "cpu" and not torch.is_grad_enabled():
         return _attend_and_received_flash(query, keys, values, scaling)
     return attend(query, keys, values, valid, scaling), _received_causal(query, keys, valid, scaling)

@@ -189,25 +189,14 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.T
 
 
 def attend_segments(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> torch.Tensor:
-    """Single-query attention over a ragged layer, reading each (row, KV head) segment of its flat storage in
-    place: ``[B, H, 1, d]``."""
+    """Single-query attention over a ragged layer, straight from its flat storage: every query group scores the
+    whole buffer and `RaggedLayer.segment_bias` keeps only its own segment. ``[B, H, 1, d]``."""
     batch, heads, _, dim = query.shape
-    group = heads // layer.heads
-    keys, values, valid = layer._keys, layer._values, layer.flat_valid()
-    rows = query.view(batch * layer.heads, group, dim)
-    outs = []
-    for index, (start, size) in enumerate(layer.segments()):
-        mask = None if valid is None else valid[start : start + size][None, :]
-        outs.append(
-            F.scaled_dot_product_attention(
-                rows[index][None],
-                keys[start : start + size][None],
-                values[start : start + size][None],
-                attn_mask=mask,
-                scale=scaling,
-            )  # fmt: skip
-        )
-    return torch.cat(outs).view(batch, heads, 1, values.shape[-1])
+    keys, values = layer._keys, layer._values
+    logits = torch.matmul(query.view(batch * layer.heads, heads // layer.heads, dim), keys.t()).mul_(scaling)
+    logits.add_(layer.segment_bias()[:, None, :])
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).view(batch, heads, 1, values.shape[-1])
 
 
 _LAST_MASK: list = [None, 0, None]  # (mask, query length, its padding): every layer of a forward gets the same mask

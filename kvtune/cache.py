@@ -110,6 +110,7 @@ class RaggedLayer(CacheLayerMixin):
         self._uniform = True
         self._spare = 0  # slots per segment after its base entries
         self._appended = 0  # slots of the spare used since the last (re)build
+        self._bias: torch.Tensor | None = None  # ragged decoding's additive mask, see `segment_bias`
         self.batch = self.heads = 0
         self.seen_tokens = 0  # positions fed so far, padding included: drives position ids
 
@@ -153,6 +154,7 @@ class RaggedLayer(CacheLayerMixin):
         return (max(self._base_list) if self._base_list else 0) + self._appended
 
     def _set_geometry(self, base: torch.Tensor, spare: int) -> None:
+        self._bias = None
         self._base = base.to(torch.long)
         self._base_list = self._base.tolist()
         self._uniform = len(set(self._base_list)) <= 1
@@ -232,6 +234,9 @@ class RaggedLayer(CacheLayerMixin):
                 self._view4(self._aux)[:, :, at : at + new] = 0.0
         else:
             index = ((self._ends + self._appended)[:, None] + torch.arange(new, device=self.device)).flatten()
+            if self._bias is not None:
+                rows = torch.arange(self._bias.shape[0], device=self.device)[:, None]
+                self._bias[rows, index.view(rows.shape[0], new)] = 0.0
             self._keys.index_copy_(0, index, key_states.flatten(0, 2))
             self._values.index_copy_(0, index, value_states.flatten(0, 2))
             self._positions[index] = positions.repeat(self.batch * self.heads)
@@ -352,6 +357,7 @@ class RaggedLayer(CacheLayerMixin):
             )
         if remove <= self._appended:
             self._appended -= remove  # the dropped slots become spare again
+            self._bias = None
             self._spare = max(self._spare, self._appended)
         else:
             keep = self._base + self._appended - remove
@@ -376,6 +382,7 @@ class RaggedLayer(CacheLayerMixin):
         self._move(self.device)
 
     def _move(self, device) -> None:
+        self._bias = None
         if self.is_initialized:
             for name in ("_keys", "_values", "_positions", "_valid", "_aux", "_base", "_ends"):
                 tensor = getattr(self, name)
@@ -398,6 +405,7 @@ class RaggedLayer(CacheLayerMixin):
         if bool(valid.all()):
             return
         new = valid.shape[1]
+        self._bias = None
         if self._valid is None:
             self._valid = torch.ones(self._keys.shape[0], dtype=torch.bool, device=self.device)
         if self._uniform:
@@ -444,14 +452,21 @@ class RaggedLayer(CacheLayerMixin):
             positions=scatter(self._positions, 0),
         )
 
-    def segments(self) -> list[tuple[int, int]]:
-        """``(start, length)`` in the flat storage of each (batch row, KV head), row-major: what ragged attention
-        reads (holes included; see ``segment_valid``)."""
-        return [(s, n + self._appended) for s, n in zip(self._starts_list, self._base_list)]
-
-    def flat_valid(self) -> torch.Tensor | None:
-        """Per-slot validity of the flat storage, or None when every used slot is valid."""
-        return self._valid
+    def segment_bias(self) -> torch.Tensor:
+        """``[B*H_kv, S]`` additive mask over the flat storage: 0 on the used, valid slots of segment (b, h), -inf
+        elsewhere. Single queries of a ragged layer attend over the whole buffer with it (one product per layer
+        instead of one call per segment); kept up to date by appends, rebuilt after any other change."""
+        if self._bias is None:
+            source, _ = self._used_index()
+            lengths = self._base + self._appended
+            segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
+            bias = torch.full((lengths.numel(), self._keys.shape[0]), float("-inf"), device=self.device)
+            usable = torch.zeros_like(source, dtype=torch.float32)
+            if self._valid is not None:
+                usable.masked_fill_(~self._valid[source], float("-inf"))
+            bias[segment, source] = usable
+            self._bias = bias
+        return self._bias
 
     def compact(self, selection: Selection, view: DenseView | None = None) -> None:
         """Keep only the selected entries of ``view`` (the current dense view by default); free everything else.

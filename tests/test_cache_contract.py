@@ -191,3 +191,23 @@ def test_decode_eviction_fast_path_keeps_what_the_general_selection_keeps(method
             assert view.valid.expand(2, 2, -1).sum(-1).eq(16).all()
         kept = [v.keys[v.valid.expand(2, 2, -1)] for v in (fast, slow)]
         assert torch.equal(kept[0], kept[1])
+
+
+def test_ragged_decoding_reads_segments_exactly():
+    """Single queries over a ragged (Ada-KV) layer, with left padding, equal attention over its dense view."""
+    from kvtune.attention import attend, attend_segments
+
+    model = tiny_llama()
+    ids, mask = _batch(3, length=60)
+    with torch.no_grad(), kvtune.compress(model, "adakv_snapkv", budget=24, window=4):
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    layer = cache.layers[1]
+    assert layer.ragged
+    for step in range(40):  # past the spare capacity: one regrow on the way
+        layer.update(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+        if step == 5:
+            layer.mark_new_valid(torch.tensor([[True], [False], [True]]))
+        query = torch.randn(3, 6, 1, 8)
+        view = layer.dense()
+        expected = attend(query, view.keys, view.values, view.valid, 0.3)
+        assert torch.allclose(attend_segments(query, layer, 0.3), expected, atol=1e-6), step

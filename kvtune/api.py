@@ -11,13 +11,11 @@ from functools import cache
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
-from kvtune.attention import use_kvtune_attention
+from kvtune.attention import CACHE_KEYWORDS, use_kvtune_attention
 from kvtune.cache import KVCache
 from kvtune.methods import Policy, build
-
-CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
 
 
 @cache
@@ -51,7 +49,8 @@ def compress(
     (``past_key_values`` of its output) is that compressed cache. Every multi-token forward is a prefill and is
     compressed to the budget; decode-time methods (h2o, streaming_llm, lighttransfer's streaming layers) also evict
     per generated token. On exit the caches stop compressing but stay valid: further tokens fed through them attend
-    correctly.
+    correctly, and so do copies of them (the policy is released, and copies share it). A transformers cache that
+    already holds tokens cannot be compressed after the fact and is refused.
     """
     policy = build(method, budget=budget, ratio=ratio, **kwargs)
     use_kvtune_attention(model)
@@ -62,13 +61,25 @@ def compress(
             return None
         cache = next((call_kwargs[k] for k in CACHE_KEYWORDS if call_kwargs.get(k) is not None), None)
         call_kwargs = {k: v for k, v in call_kwargs.items() if k not in CACHE_KEYWORDS}
-        if cache is None or (
-            isinstance(cache, Cache) and not isinstance(cache, KVCache) and cache.get_seq_length() == 0
-        ):
+        if isinstance(cache, Cache) and not isinstance(cache, KVCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"kvtune.compress cannot compress a {type(cache).__name__} that already holds "
+                    f"{cache.get_seq_length()} tokens (their queries are gone); inside compress, start from no cache "
+                    "or an empty one, or use a kvtune cache (kvtune.new_cache) from the first token on"
+                )
+            if type(cache) is not DynamicCache:
+                raise ValueError(
+                    f"kvtune.compress replaces the model's cache with its own and cannot honour a "
+                    f"{type(cache).__name__} (e.g. cache_implementation='static'); leave the cache to compress"
+                )
+            cache = None
+        if cache is None:
             cache = new_cache(model, policy)
         elif isinstance(cache, KVCache) and cache.policy is None:
             cache.policy = policy
-        caches.add(cache)
+        if isinstance(cache, KVCache):
+            caches.add(cache)
         return args, {**call_kwargs, **cache_kwargs(model, cache)}
 
     handle = model.register_forward_pre_hook(attach, with_kwargs=True)
@@ -76,6 +87,7 @@ def compress(
         yield policy
     finally:
         handle.remove()
+        policy.released = True
         for cache in caches:
             if cache.policy is policy:
                 cache.policy = None

@@ -2,8 +2,16 @@
 
 transformers builds one mask per forward for all layers, with no head dimension: it cannot describe layers of
 different lengths or heads of different lengths. The "kvtune" backend therefore receives the raw 2-D padding mask
-and builds each layer's mask itself from the cache's validity, then hands the call to the layer's compression
-policy, which sees the queries, keys and (when it asks) attention probabilities of that very call.
+and reads each layer's validity from the cache itself, then hands the call to the layer's compression policy,
+which sees the queries, keys and (when it asks) the attention every entry received in that very call.
+
+The backend is active only for forwards whose cache is a `KVCache`: `use_kvtune_attention` installs hooks that
+switch the model's attention implementation for such a forward and restore it afterwards, so kvtune never changes
+what the model computes with any other cache (StaticCache, DynamicCache, none).
+
+`attend` is the one place that attends over a layer (rectangular, masked or causal); `attend_with_received` also
+returns the attention each key received; `attend_segments` reads a ragged layer's segments for single queries.
+A GPU backend replaces these three.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from kvtune.cache import AttentionCall, KVCache, RaggedLayer
 
 BACKEND = "kvtune"
 SUPPORTED_BASES = ("sdpa", "eager")
-QUERY_BLOCK = 512  # queries per block when probabilities are materialised
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
+RECEIVED_BLOCK_ELEMENTS = 1 << 22  # attention probabilities held at once while received attention is summed
 
 
 @dataclass
@@ -38,6 +47,7 @@ class LayerContext:
     column_scores: torch.Tensor | None  # [B, H, L] attention received, summed over this call's queries
     scaling: float
     adapter: torch.nn.Module | None = None  # a trained compressor of this layer (LoCoCo), when the model has one
+    positions: torch.Tensor | None = None  # [B, H_kv or 1, L] long: absolute position of each entry (see cache)
 
     @property
     def group_size(self) -> int:
@@ -45,46 +55,161 @@ class LayerContext:
 
 
 def _pass_through_mask(attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor | None:
-    """The 2-D padding mask, untouched: kvtune's attention builds per-layer masks itself."""
+    """The 2-D padding mask, untouched: kvtune's attention reads per-layer validity from the cache."""
     return attention_mask
 
 
-def allowed_mask(valid: torch.Tensor, query_length: int) -> torch.Tensor:
-    """``[B, Hm, q, L]`` bool: a query sees valid keys up to its own position, and always its own key (no empty row)."""
+def allowed_mask(valid: torch.Tensor, query_length: int, rows: int | None = None) -> torch.Tensor:
+    """``[B, Hm, rows, L]`` bool for the last ``rows`` (default: all) of ``query_length`` queries: a query sees valid
+    keys up to its own position, and always its own key (no empty row)."""
     length = valid.shape[-1]
-    rows = torch.arange(query_length, device=valid.device)[:, None] + (length - query_length)
+    rows = query_length if rows is None else rows
+    own = torch.arange(query_length - rows, query_length, device=valid.device)[:, None] + (length - query_length)
     cols = torch.arange(length, device=valid.device)[None, :]
-    return (valid[:, :, None, :] & (cols <= rows)) | (cols == rows)
+    return (valid[:, :, None, :] & (cols <= own)) | (cols == own)
 
 
-def _expand_heads(mask: torch.Tensor, group: int) -> torch.Tensor:
-    return mask if mask.shape[1] == 1 else mask.repeat_interleave(group, dim=1)
+def _grouped(query: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """``[B, H, q, d]`` -> ``[B, H_kv, group, q, d]`` (a view): GQA without repeating keys or masks."""
+    return query.unflatten(1, (heads_kv, -1))
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scaling: float):
-    """Masked GQA attention through SDPA: ``[B, H, q, d]``."""
+def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, H, q, d]`` (the last q positions) over one layer: ``[B, H, q, d]``.
+
+    ``valid`` (``[B, H_kv or 1, L]``) marks real entries; None means all are (no mask at all). A rectangular layer
+    gets exactly the SDPA call transformers' own ``sdpa`` backend makes, so its outputs are bit-identical to stock.
+    """
+    q_len, length = query.shape[2], keys.shape[2]
     group = query.shape[1] // keys.shape[1]
-    return F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=_expand_heads(allowed, group), scale=scaling, enable_gqa=group > 1
+    if valid is None and (q_len == 1 or q_len == length or not causal):
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=None, dropout_p=0.0, scale=scaling, is_causal=causal and q_len > 1,
+            enable_gqa=group > 1,
+        )  # fmt: skip
+    if valid is None:
+        valid = torch.ones(query.shape[0], 1, length, dtype=torch.bool, device=query.device)
+    if q_len == 1:  # the GQA group's queries as rows against one [B, Hm, 1, L] mask
+        packed = query.view(query.shape[0], keys.shape[1], group, query.shape[-1])
+        out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=valid[:, :, None, :], scale=scaling)
+        return out.view(query.shape[0], -1, 1, values.shape[-1])
+    mask = allowed_mask(valid, q_len) if causal else valid[:, :, None, :].expand(-1, -1, q_len, -1)
+    out = F.scaled_dot_product_attention(
+        _grouped(query, keys.shape[1]), keys[:, :, None], values[:, :, None], attn_mask=mask[:, :, None], scale=scaling
     )
+    return out.flatten(1, 2)
+
+
+def attend_with_received(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention and the attention each key received, summed over the queries (fp32 ``[B, H, L]``).
+
+    A one-shot prefill with no padding on CPU uses two flash-attention passes: the forward pass also returns each
+    query's log-sum-exp ``lse_q``; then, with keys as rows and queries as columns (positions reversed, so that the
+    mask stays causal) and ``-lse_q`` carried in an extra dimension, the second pass's log-sum-exp is
+    ``log sum_q exp(q·k - lse_q)``, the log of what key ``k`` received. Otherwise the output is `attend`'s and the
+    received attention comes from `_received_causal`.
+    """
+    q_len, length = query.shape[2], keys.shape[2]
+    if q_len == 1:  # a decoding step: the probabilities are the received attention
+        batch, heads, _, dim = query.shape
+        logits = torch.matmul(query.view(batch, keys.shape[1], -1, dim), keys.transpose(2, 3)).mul_(scaling)
+        if valid is not None:
+            logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        out = torch.matmul(probs.to(values.dtype), values).view(batch, heads, 1, values.shape[-1])
+        return out, probs.view(batch, heads, length)
+    if valid is None and q_len == length and query.device.type == "cpu" and not torch.is_grad_enabled():
+        return _attend_and_received_flash(query, keys, values, scaling)
+    return attend(query, keys, values, valid, scaling), _received_causal(query, keys, valid, scaling)
+
+
+def _attend_and_received_flash(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    group = query.shape[1] // keys.shape[1]
+    keys_h = keys.repeat_interleave(group, dim=1)
+    out, lse = flash(query, keys_h, values.repeat_interleave(group, dim=1), 0.0, True, scale=scaling)[:2]
+    rows = torch.cat([keys_h.float() * scaling, keys_h.new_ones(*keys_h.shape[:3], 1, dtype=torch.float32)], dim=-1)
+    del keys_h
+    columns = torch.cat([query.float(), -lse[..., None].float()], dim=-1).flip(2)
+    # the second pass's output is never read: the columns stand in as values (same shape, no extra memory)
+    received_lse = flash(rows.flip(2), columns, columns, 0.0, True, scale=1.0)[1]
+    return out, received_lse.flip(2).exp()
+
+
+@torch.no_grad()  # a statistic for selection: never part of a training graph
+def _received_causal(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float):
+    batch, heads, q_len, dim = query.shape
+    heads_kv, length = keys.shape[1], keys.shape[2]
+    group = heads // heads_kv
+    grouped, keys_t = _grouped(query, heads_kv), keys.transpose(2, 3)
+    received = torch.zeros(batch, heads_kv, group, length, dtype=torch.float32, device=query.device)
+    rows = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * length))
+    offset = length - q_len
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        count, seen = stop - start, offset + stop  # the block's queries see keys [0, seen)
+        block = grouped[:, :, :, start:stop].reshape(batch, heads_kv, group * count, dim)
+        logits = torch.matmul(block, keys_t[..., :seen]).mul_(scaling).view(batch, heads_kv, group, count, seen)
+        future = torch.ones(count, count, dtype=torch.bool, device=query.device).triu(1)
+        if valid is not None:
+            own = torch.eye(count, dtype=torch.bool, device=query.device)
+            blocked = (~valid[:, :, None, None, :seen]).expand(-1, -1, 1, count, -1).clone()
+            blocked[..., seen - count :] &= ~own
+            blocked[..., seen - count :] |= future
+            logits.masked_fill_(blocked, float("-inf"))
+        else:
+            logits[..., seen - count :].masked_fill_(future, float("-inf"))
+        received[..., :seen] += torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=3)
+    return received.flatten(1, 2)
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph
 def received_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention each key receives, summed over the queries: ``[B, H, L]`` (fp32).
+    """Attention each key receives from ``query`` under an explicit ``allowed`` mask ``[B, Hm, q, L]``: ``[B, H, L]``
+    (fp32). For recordings and tests; the attention backend uses `attend_with_received`."""
+    heads_kv, length = keys.shape[1], keys.shape[2]
+    grouped = _grouped(query, heads_kv).float()
+    keys_t = keys[:, :, None].float().transpose(3, 4)
+    received = torch.zeros(*grouped.shape[:3], length, dtype=torch.float32, device=query.device)
+    block = max(1, RECEIVED_BLOCK_ELEMENTS // (query.shape[1] * length))
+    for start in range(0, query.shape[2], block):
+        logits = torch.matmul(grouped[:, :, :, start : start + block], keys_t) * scaling
+        allowed_block = allowed[:, :, None, start : start + block]
+        received += logits.masked_fill(~allowed_block, float("-inf")).softmax(dim=-1).sum(dim=-2)
+    return received.flatten(1, 2)
 
-    Computed apart from the output, over query blocks, so that at most one block of probabilities exists at a time
-    and the output stays bit-identical to the SDPA path.
-    """
-    group = query.shape[1] // keys.shape[1]
-    keys_h = keys.float().repeat_interleave(group, dim=1).transpose(2, 3)
-    received = query.new_zeros(*query.shape[:2], keys.shape[2], dtype=torch.float32)
-    for start in range(0, query.shape[2], QUERY_BLOCK):
-        block = slice(start, start + QUERY_BLOCK)
-        logits = torch.matmul(query[:, :, block].float(), keys_h) * scaling
-        logits = logits.masked_fill(~_expand_heads(allowed[:, :, block], group), float("-inf"))
-        received += logits.softmax(dim=-1).sum(dim=2)
-    return received
+
+def attend_segments(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> torch.Tensor:
+    """Single-query attention over a ragged layer, straight from its flat storage: every query group scores the
+    whole buffer and `RaggedLayer.segment_bias` keeps only its own segment. ``[B, H, 1, d]``."""
+    batch, heads, _, dim = query.shape
+    keys, values = layer._keys, layer._values
+    logits = torch.matmul(query.view(batch * layer.heads, heads // layer.heads, dim), keys.t()).mul_(scaling)
+    logits.add_(layer.segment_bias()[:, None, :])
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).view(batch, heads, 1, values.shape[-1])
+
+
+_LAST_MASK: list = [None, 0, None]  # (mask, query length, its padding): every layer of a forward gets the same mask
+
+
+def _padding_of_new_tokens(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+    """``[B, q]`` validity of this call's tokens, or None when they are all real (checked once per forward)."""
+    if attention_mask is None:
+        return None
+    if _LAST_MASK[0] is not attention_mask or _LAST_MASK[1] != q_len:
+        new_valid = attention_mask[:, -q_len:].bool()
+        _LAST_MASK[:] = [attention_mask, q_len, None if bool(new_valid.all()) else new_valid]
+    return _LAST_MASK[2]
 
 
 def kvtune_attention(
@@ -98,45 +223,53 @@ def kvtune_attention(
     kvtune_adapter: torch.nn.Module | None = None,
     **_,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: exact masked attention, then the cache's policy (if any) for this layer."""
+    """transformers attention function: exact attention over the layer, then the cache's policy (if any)."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("kvtune attention expects the 2-D padding mask; custom 4-D masks are not supported")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q_len, length = query.shape[2], key.shape[2]
+    q_len = query.shape[2]
     call: AttentionCall | None = getattr(key, "kvtune_call", None)
-    new_valid = attention_mask[:, -q_len:] if attention_mask is not None else None
-    if call is None:  # an ordinary cache (or none): the 2-D mask covers every key
-        valid = (
-            attention_mask[:, None, -length:]
-            if attention_mask is not None
-            else torch.ones(query.shape[0], 1, length, dtype=torch.bool, device=query.device)
-        )
-    else:
-        valid = call.valid
-        if new_valid is not None and not bool(new_valid.all()):
-            call.layer.mark_new_valid(new_valid)
-            valid = valid.clone()
+    if call is None:  # keys that did not come from a KVCache: the 2-D mask covers every key
+        valid = None if attention_mask is None else attention_mask[:, None, -key.shape[2] :].bool()
+        return attend(query, key, value, valid, scaling).transpose(1, 2).contiguous(), None
+    layer, valid, ragged = call.layer, call.valid, call.ragged
+    new_valid = _padding_of_new_tokens(attention_mask, q_len)
+    if new_valid is not None:
+        layer.mark_new_valid(new_valid)
+        if not ragged:
+            valid = valid.clone() if valid is not None else new_valid.new_ones(key.shape[0], 1, key.shape[2])
             valid[:, :, -q_len:] &= new_valid[:, None, :]
-    policy = call.cache.policy if call is not None and call.cache is not None else None
-    compressing = policy is not None and q_len > 1 and call.cache.prefilling
-    wants_scores = policy is not None and policy.needs_column_scores and (compressing or q_len == 1)
-    allowed = allowed_mask(valid, q_len)
-    out = attend(query, key, value, allowed, scaling)
-    received = received_attention(query, key, allowed, scaling) if wants_scores else None
-    if policy is not None and (compressing or q_len == 1):
+    cache = call.cache
+    policy = cache.policy if cache is not None else None
+    compressing = policy is not None and q_len > 1 and cache.prefilling
+    acting = compressing or (policy is not None and q_len == 1 and getattr(policy, "acts_on_decode", True))
+    view = None
+    if acting:
+        view = layer.dense()  # views for uniform layers; a ragged layer is copied once for its policy
+        if ragged:
+            key, value, valid, ragged = view.keys, view.values, view.valid, False
+    received = None
+    if ragged:
+        out = attend_segments(query, layer, scaling)
+    elif acting and policy.needs_column_scores:
+        out, received = attend_with_received(query, key, value, valid, scaling)
+    else:
+        out = attend(query, key, value, valid, scaling)
+    if acting:
         ctx = LayerContext(
             layer_idx=call.layer_idx,
-            num_layers=len(call.cache.layers),
-            layer=call.layer,
-            cache=call.cache,
+            num_layers=len(cache.layers),
+            layer=layer,
+            cache=cache,
             query=query,
             keys=key,
             values=value,
-            valid=valid,
-            aux=call.aux,
+            valid=valid if valid is not None else view.valid,
+            aux=view.aux,
             column_scores=received,
             scaling=scaling,
             adapter=kvtune_adapter,
+            positions=view.positions,
         )
         (policy.on_prefill if compressing else policy.on_decode)(ctx)
     return out.transpose(1, 2).contiguous(), None
@@ -163,18 +296,43 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     return modules
 
 
-def use_kvtune_attention(model: PreTrainedModel) -> None:
-    """Route the model's attention through kvtune's backend (idempotent).
+def _forward_cache(kwargs: dict) -> object | None:
+    return next((kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None), None)
 
-    The switch outlives `kvtune.compress` on purpose: a compressed cache handed back to the user needs this backend
-    to be read correctly, and with ordinary caches the backend computes the same attention as SDPA.
+
+def _switch_on(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the decoder: kvtune's backend for a `KVCache`, the model's own for anything else."""
+    config = module.config
+    saved = module.__dict__.setdefault("_kvtune_saved", [])
+    saved.append(config._attn_implementation)
+    if isinstance(_forward_cache(kwargs), KVCache):
+        if saved[-1] not in SUPPORTED_BASES:
+            raise NotImplementedError(
+                f"kvtune's CPU attention replaces {SUPPORTED_BASES}; the model runs '{saved[-1]}'"
+            )  # fmt: skip
+        config._attn_implementation = BACKEND
+
+
+def _switch_back(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    module.config._attn_implementation = module._kvtune_saved.pop()
+
+
+def use_kvtune_attention(model: PreTrainedModel) -> None:
+    """Make forwards with a `KVCache` attend through kvtune's backend (idempotent).
+
+    Nothing else changes: the decoder's hooks set the attention implementation for the duration of each forward
+    whose cache is a `KVCache` and put the model's own back afterwards, so the same model still computes exactly
+    what transformers computes with its own caches (also inside `kvtune.compress`, and after it).
     """
     attention_modules(model)
-    current = model.config._attn_implementation
-    if current == BACKEND:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if decoder.__dict__.get("_kvtune_switch"):
         return
+    current = decoder.config._attn_implementation
     if current not in SUPPORTED_BASES:
         raise NotImplementedError(
             f"kvtune's CPU attention replaces {SUPPORTED_BASES}; the model was loaded with '{current}'"
         )
-    model.set_attn_implementation(BACKEND)
+    decoder.register_forward_pre_hook(_switch_on, with_kwargs=True)
+    decoder.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
+    decoder._kvtune_switch = True

@@ -1,13 +1,25 @@
-"""`kvtune bench`: what a method really costs and saves, each figure set against `full` measured in the same run.
+"""`kvtune bench`: what a method really costs and saves, against the *stock* model measured in the same run.
 
-Per (method, budget, context length, batch size): prefill seconds, decode tokens/s, the bytes the cache holds after
-prefill (from its own tensors), peak memory during prefill and decode (RSS above the starting point on CPU,
+Rows per (context length, batch size):
+
+* ``full``: the stock model, transformers' own `DynamicCache` and attention (never kvtune's backend), so every
+  ratio includes what kvtune itself costs;
+* ``reference``: the same model whose whole context is ``budget`` tokens, with an ordinary cache: the decode speed
+  a compressed cache of that budget should reach;
+* every method x budget x prefill chunk (``None``: one-shot prefill).
+
+Figures: prefill seconds, decode tokens/s, the storage the cache keeps alive after prefill (deduplicated
+``untyped_storage`` bytes), peak memory during prefill (RSS above the level at its start on CPU,
 `torch.cuda.max_memory_allocated` on GPU), and compression overhead: the share of prefill time spent inside the
-method's selection hooks.
+method's selection hooks. On Linux, large allocations are served by ``mmap`` (a fixed threshold) and freed memory is
+trimmed before each prefill, so that RSS follows what is alive instead of what the allocator kept from earlier
+configurations.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 import time
 from collections.abc import Callable
@@ -15,11 +27,29 @@ from typing import Any
 
 import psutil
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtune.api import cache_kwargs, new_cache, prefill
+from kvtune.cache import KVCache, storage_bytes
 from kvtune.eval.corpus import corpus_text
 from kvtune.methods import build
+
+MMAP_THRESHOLD = 1 << 20  # allocations above 1 MiB get their own mapping, returned to the OS when freed
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+_LIBC = _libc()
+if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+    _LIBC.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also stops glibc's threshold from drifting upwards)
+
+
+def _trim() -> None:
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 class PeakMemory:
@@ -34,6 +64,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             return self
+        _trim()
         process = psutil.Process()
         self.start = process.memory_info().rss
         self._highest, self._stop = self.start, threading.Event()
@@ -71,47 +102,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_bytes(cache) -> int:
+    if isinstance(cache, KVCache):
+        return cache.nbytes()
+    return sum(storage_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)]).values())
+
+
 @torch.no_grad()
 def measure(
-    model: PreTrainedModel, input_ids: torch.Tensor, method: str, budget: int | None, decode_tokens: int
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    method: str,
+    budget: int | None,
+    decode_tokens: int,
+    prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
-    """One configuration: prefill ``input_ids`` through a compressing cache, then decode greedily."""
+    """One configuration: prefill ``input_ids`` (in chunks of ``prefill_chunk``), then decode greedily.
+
+    ``full`` and ``reference`` run the stock model with a `DynamicCache`; every other method a compressing
+    `KVCache`.
+    """
     device = model.device
-    policy = None if method == "full" else build(method, budget=budget)
+    stock = method in ("full", "reference")
+    policy = None if stock else build(method, budget=budget)
     spent = [0.0]
     if policy is not None:  # instance attributes shadow the class's hooks, which the attention backend looks up
         policy.on_prefill = _timed(policy.on_prefill, spent)
-    cache = new_cache(model, policy)
+    cache = DynamicCache(config=model.config) if stock else new_cache(model, policy)
     mask = torch.ones_like(input_ids)
     with PeakMemory(device) as peak:
         _sync(device)
         start = time.perf_counter()
-        logits, mask = prefill(model, cache, input_ids, mask)
+        logits, mask = prefill(model, cache, input_ids, mask, chunk=prefill_chunk)
         _sync(device)
         prefill_seconds = time.perf_counter() - start
+    if not stock:
         cache.prefilling = False
-        kv_bytes = cache.nbytes()
-        positions = mask.sum(dim=1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            token = logits.argmax(dim=-1, keepdim=True)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(
-                input_ids=token,
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                **cache_kwargs(model, cache),
-                use_cache=True,
-            )
-            logits, positions = out.logits[:, -1], positions + 1
-        _sync(device)
-        decode_seconds = time.perf_counter() - start
+    kv_bytes = _cache_bytes(cache)
+    positions = mask.sum(dim=1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = logits.argmax(dim=-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=token,
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            **cache_kwargs(model, cache),
+            use_cache=True,
+        )
+        logits, positions = out.logits[:, -1], positions + 1
+    _sync(device)
+    decode_seconds = time.perf_counter() - start
     batch = input_ids.shape[0]
     return {
         "method": method,
         "budget": None if method == "full" else budget,
         "context_length": input_ids.shape[1],
         "batch_size": batch,
+        "prefill_chunk": prefill_chunk,
         "prefill_s": prefill_seconds,
         "decode_tok_s": batch * decode_tokens / decode_seconds,
         "kv_bytes": kv_bytes,
@@ -135,45 +184,66 @@ def bench(
     context_lengths: list[int],
     batch_sizes: list[int],
     decode_tokens: int = 32,
+    prefill_chunks: list[int | None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every configuration, with ratios against the `full` row of the same context length and batch size."""
+    """Every configuration, with ratios against stock `full` (and decode against the ``budget``-token reference)
+    of the same context length and batch size. ``progress`` sees each raw row as soon as it is measured."""
+    report = progress or (lambda row: None)
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be at least 1, got {decode_tokens}")
+    prefill_chunks = [None] if prefill_chunks is None else list(prefill_chunks)
+    if any(chunk is not None and chunk < 1 for chunk in prefill_chunks):
+        raise ValueError(f"prefill_chunks must be positive token counts or null, got {prefill_chunks}")
     for length in context_lengths:
         if any(budget > length for budget in budgets):
             raise ValueError(f"budgets {budgets} must not exceed the context length {length}")
     model.eval()
     warm = _input_ids(tokenizer, 16, 1, model.device)
     measure(model, warm, "full", None, 2)  # first-call costs (allocator, kernels) stay out of the table
+    measure(model, warm, methods[-1] if methods[-1] != "full" else "snapkv", 8, 2)
     rows = []
     for length in context_lengths:
         for batch in batch_sizes:
             ids = _input_ids(tokenizer, length, batch, model.device)
-            reference = measure(model, ids, "full", None, decode_tokens)
-            rows.append(reference)
+            full = measure(model, ids, "full", None, decode_tokens)
+            report(full)
+            references = {b: measure(model, ids[:, :b], "reference", b, decode_tokens) for b in budgets}
+            group = [full, *references.values()]
+            for row in references.values():
+                report(row)
             for method in (m for m in methods if m != "full"):
                 for budget in budgets:
-                    rows.append(measure(model, ids, method, budget, decode_tokens))
-            for row in rows:
-                if row["context_length"] == length and row["batch_size"] == batch:
-                    row["prefill_ratio"] = row["prefill_s"] / reference["prefill_s"]
-                    row["decode_ratio"] = row["decode_tok_s"] / reference["decode_tok_s"]
-                    row["kv_ratio"] = row["kv_bytes"] / reference["kv_bytes"]
-                    row["peak_ratio"] = row["peak_bytes"] / max(reference["peak_bytes"], 1)
+                    for chunk in prefill_chunks:
+                        group.append(measure(model, ids, method, budget, decode_tokens, chunk))
+                        report(group[-1])
+            for row in group:
+                row["prefill_ratio"] = row["prefill_s"] / full["prefill_s"]
+                row["decode_ratio"] = row["decode_tok_s"] / full["decode_tok_s"]
+                reference = references.get(row["budget"])
+                row["decode_vs_reference"] = row["decode_tok_s"] / reference["decode_tok_s"] if reference else None
+                row["kv_ratio"] = row["kv_bytes"] / full["kv_bytes"]
+                row["peak_ratio"] = row["peak_bytes"] / max(full["peak_bytes"], 1)
+            rows += group
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The bench rows as a markdown table (ratios are against `full` at the same length and batch)."""
+    """The bench rows as a markdown table (ratios against stock `full` at the same length and batch; decode also
+    against the ``budget``-token reference)."""
     lines = [
-        "| method | budget | context | batch | prefill s (x full) | decode tok/s (x full) | KV MiB (x full) "
-        "| peak MiB (x full) | overhead % of prefill |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | context | batch | chunk | prefill s (x full) | decode tok/s (x full) | decode x reference "
+        "| KV MiB (x full) | peak MiB (x full) | overhead % of prefill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        versus = (
+            "" if r["decode_vs_reference"] is None or r["method"] == "reference" else f"{r['decode_vs_reference']:.2f}"
+        )
         lines.append(
             f"| {r['method']} | {r['budget'] or 'all'} | {r['context_length']} | {r['batch_size']} "
-            f"| {r['prefill_s']:.2f} ({r['prefill_ratio']:.2f}) | {r['decode_tok_s']:.1f} ({r['decode_ratio']:.2f}) "
+            f"| {r['prefill_chunk'] or '-'} | {r['prefill_s']:.2f} ({r['prefill_ratio']:.2f}) "
+            f"| {r['decode_tok_s']:.1f} ({r['decode_ratio']:.2f}) | {versus} "
             f"| {r['kv_bytes'] / 2**20:.1f} ({r['kv_ratio']:.3f}) "
             f"| {r['peak_bytes'] / 2**20:.0f} ({r['peak_ratio']:.2f}) | {r['overhead_pct']:.1f} |"
         )

@@ -89,6 +89,8 @@ def run_bench(cfg) -> list[dict]:
         list(cfg.context_lengths),
         list(cfg.batch_sizes),
         cfg.decode_tokens,
+        list(cfg.prefill_chunks),
+        progress=lambda row: print(json.dumps(row), flush=True),
     )
     Path(cfg.output).write_text(json.dumps(rows, indent=2))
     print(markdown_table(rows))

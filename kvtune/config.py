@@ -72,6 +72,7 @@ class BenchConfig:
     context_lengths: list[int] = field(default_factory=lambda: [4096])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     decode_tokens: int = 32
+    prefill_chunks: list[int | None] = field(default_factory=lambda: [None])  # null: one-shot prefill
     output: str = "bench.json"
 
 

@@ -98,6 +98,7 @@ class RecordedPrefill:
                     aux=view.aux,
                     column_scores=received,
                     scaling=self.scaling,
+                    positions=view.positions,
                 )
             )
         cache.prefilling = False  # what follows (question, scored text, decoding) is appended, not re-compressed

@@ -23,6 +23,8 @@ def generated(name: str) -> str | None:
         table, _ = build_report(folder)
         # results.md links its plot relatively; from docs/ it lives under results/<name>/
         return table.read_text().replace("](results.png)", f"](results/{name}/results.png)")
+    if (folder / "bench.json").is_file():  # `kvtune bench` writing into its own folder
+        return bench_table(json.loads((folder / "bench.json").read_text()))
     if (DATA / f"{name}.md").is_file():  # a script's own markdown table (scripts/bench_lococo_memory.py)
         return (DATA / f"{name}.md").read_text()
     if (DATA / f"{name}.json").is_file():

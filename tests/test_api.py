@@ -116,9 +116,9 @@ def test_bf16_cache_is_half_the_bytes():
     for dtype in (torch.float32, torch.bfloat16):
         with torch.no_grad(), kvtune.compress(model.to(dtype), "adakv_snapkv", budget=40):
             sizes[dtype] = model(ids, use_cache=True).past_key_values
-    assert sizes[torch.bfloat16].layers[0].kept_keys.dtype == torch.bfloat16
-    f32 = sum(layer.kept_keys.nbytes + layer.kept_values.nbytes for layer in sizes[torch.float32].layers)
-    bf16 = sum(layer.kept_keys.nbytes + layer.kept_values.nbytes for layer in sizes[torch.bfloat16].layers)
+    assert sizes[torch.bfloat16].layers[0].keys.dtype == torch.bfloat16
+    f32 = sum(layer.keys.nbytes + layer.values.nbytes for layer in sizes[torch.float32].layers)
+    bf16 = sum(layer.keys.nbytes + layer.values.nbytes for layer in sizes[torch.bfloat16].layers)
     assert bf16 * 2 == f32
 
 

@@ -23,6 +23,7 @@ class Policy:
     name = "base"
     needs_column_scores = False
     evicts_during_decoding = False
+    released = False  # set when the `kvtune.compress` block that made it exits: caches stop applying it
 
     def __init__(self, budget: int | None = None, ratio: float | None = None, window: int = 32) -> None:
         if budget is not None and ratio is not None:
@@ -58,6 +59,11 @@ class Policy:
         return self.window
 
     # ---- hooks --------------------------------------------------------------------------------------------------
+    @property
+    def acts_on_decode(self) -> bool:
+        """Whether `on_decode` does anything: attention skips building a context per token otherwise."""
+        return self.evicts_during_decoding or type(self).on_decode is not Policy.on_decode
+
     def on_prefill(self, ctx: LayerContext) -> None:
         evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)))
 
@@ -89,8 +95,13 @@ def evict_to(policy: Policy, ctx: LayerContext, target: torch.Tensor, aux: torch
     ctx.layer.compact(policy.select(ctx, lengths, target), view=dense_view(ctx, aux))
 
 
+def over_by_one(ctx: LayerContext, target: torch.Tensor) -> bool:
+    """Whether every head holds exactly one valid entry more than ``target``: a decoding step's eviction."""
+    return bool((valid_lengths(ctx) == target[:, None] + 1).all())
+
+
 def dense_view(ctx: LayerContext, aux: torch.Tensor | None = None) -> DenseView:
-    return DenseView(ctx.keys, ctx.values, ctx.valid, ctx.aux if aux is None else aux, ctx.layer)
+    return DenseView(ctx.keys, ctx.values, ctx.valid, ctx.aux if aux is None else aux, ctx.layer, ctx.positions)
 
 
 def full_valid(ctx: LayerContext) -> torch.Tensor:
@@ -168,7 +179,7 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     query = ctx.query[:, :, -window:].float()
     keys = ctx.keys.float().repeat_interleave(group, dim=1)
     logits = torch.matmul(query, keys.transpose(2, 3)) * ctx.scaling
-    allowed = allowed_mask(ctx.valid, ctx.query.shape[2])[:, :, -window:]
+    allowed = allowed_mask(ctx.valid, ctx.query.shape[2], rows=window)
     if allowed.shape[1] > 1:
         allowed = allowed.repeat_interleave(group, dim=1)
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)

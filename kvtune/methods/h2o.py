@@ -13,9 +13,11 @@ import torch
 from kvtune.attention import LayerContext
 from kvtune.methods.base import (
     Policy,
+    dense_view,
     evict_to,
     full_valid,
     keep_top,
+    over_by_one,
     per_head_counts,
     protect_recent,
     received_scores,
@@ -52,4 +54,14 @@ class H2O(Policy):
         evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)), aux=self.accumulated(ctx))
 
     def on_decode(self, ctx: LayerContext) -> None:
-        evict_to(self, ctx, self.decode_target(valid_lengths(ctx)), aux=self.accumulated(ctx))
+        target = self.decode_target(valid_lengths(ctx))
+        aux = self.accumulated(ctx)
+        if not over_by_one(ctx, target):
+            evict_to(self, ctx, target, aux=aux)
+            return
+        # One over the budget: the lightest entry outside the recent window goes (the first of equal ones).
+        valid = full_valid(ctx)
+        recent = torch.minimum(torch.clamp(torch.round(target.float() * self.recent_ratio).long(), min=1), target)
+        scores = protect_recent(aux.masked_fill(~valid, float("inf")), valid, recent)
+        drop = torch.zeros_like(valid).scatter_(2, scores.argmin(dim=-1, keepdim=True), True)
+        ctx.layer.evict(drop, dense_view(ctx, aux))

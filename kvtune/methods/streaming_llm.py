@@ -6,7 +6,18 @@ Keys keep their absolute RoPE phase (no position shift), as in Ada-KV's, kvpress
 import torch
 
 from kvtune.attention import LayerContext
-from kvtune.methods.base import Policy, full_valid, keep_top, per_head_counts, protect_recent, protect_sinks
+from kvtune.methods.base import (
+    Policy,
+    dense_view,
+    full_valid,
+    keep_top,
+    over_by_one,
+    per_head_counts,
+    protect_recent,
+    protect_sinks,
+    ranks,
+    valid_lengths,
+)
 from kvtune.methods.registry import register
 
 
@@ -34,3 +45,12 @@ class StreamingLLM(Policy):
 
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
         return streaming_selection(full_valid(ctx), target, self.sinks)
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        """One token over the budget (every decoding step once full): the oldest entry after the sinks goes."""
+        target = self.decode_target(valid_lengths(ctx))
+        if int(target.min()) > self.sinks and over_by_one(ctx, target):
+            valid = full_valid(ctx)
+            ctx.layer.evict(valid & (ranks(valid) == self.sinks), dense_view(ctx))
+        else:
+            super().on_decode(ctx)

@@ -15,10 +15,14 @@ Attention reads a right-aligned dense view (built per call, freed after it) with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+if TYPE_CHECKING:
+    from kvtune.cache_io import ContextState
 
 
 class Selection(NamedTuple):
@@ -222,6 +226,9 @@ class KVCache(Cache):
     context so that a question appended later stays intact (question-agnostic compression).
     """
 
+    made_by: dict | None = None  # method, budget, ratio, model and tokenizer fingerprints (set by kvtune.api)
+    context: ContextState | None = None  # what follow-ups need, set by kvtune.compress_context (kvtune.cache_io)
+
     def __init__(self, num_layers: int, policy=None) -> None:
         super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
         self.policy = policy
@@ -232,6 +239,12 @@ class KVCache(Cache):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         keys.kvtune_call.layer_idx, keys.kvtune_call.cache = layer_idx, self
         return keys, values
+
+    def save(self, path: str | Path) -> Path:
+        """Write the kept entries, their layout and provenance to one safetensors file (`kvtune.load_cache`)."""
+        from kvtune.cache_io import save_cache  # (imported here: cache_io builds on this module)
+
+        return save_cache(self, path)
 
     def nbytes(self) -> int:
         """Bytes held by all layers, from their own tensors."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kvtune.validation import UserError
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -24,17 +26,21 @@ def available() -> list[str]:
     return names + [f"{r}+{m}" for r in routers for m in inner]
 
 
+def check_name(method: str) -> None:
+    """A `UserError` listing the valid names unless ``method`` is one (``router+method`` included)."""
+    head, _, rest = str(method).partition("+")
+    if head not in _REGISTRY or (rest and rest not in _REGISTRY):
+        raise UserError(f"unknown method '{method}'; valid names: {', '.join(available())}")
+    if rest and not getattr(_REGISTRY[head], "composes", False):
+        raise UserError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
+
+
 def build(method: str, **kwargs):
     """Instantiate a policy by name. ``a+b`` makes ``a`` route layers and ``b`` compress the layers it keeps."""
+    check_name(method)
     head, _, rest = method.partition("+")
-    if head not in _REGISTRY or (rest and rest not in _REGISTRY):
-        raise ValueError(f"unknown method '{method}'; valid names: {', '.join(available())}")
     cls = _REGISTRY[head]
-    if not rest:
-        return cls(**kwargs)
-    if not getattr(cls, "composes", False):
-        raise ValueError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
-    return cls(inner=rest, **kwargs)
+    return cls(inner=rest, **kwargs) if rest else cls(**kwargs)
 
 
 def get(name: str) -> type:

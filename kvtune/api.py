@@ -189,11 +189,13 @@ def prefill(
     device = model.device
     mask = attention_mask if past_mask is None else torch.cat([past_mask, attention_mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-    step = chunk or input_ids.shape[1]
-    done = mask.shape[1] - input_ids.shape[1]
+    length = input_ids.shape[1]
+    starts = list(range(0, length, chunk or length))
+    if len(starts) > 1 and length - starts[-1] == 1:
+        starts.pop()  # the last chunk takes the odd token: a 1-token forward is a decode step, never compressed
+    done = mask.shape[1] - length
     logits = None
-    for start in range(0, input_ids.shape[1], step):
-        end = min(start + step, input_ids.shape[1])
+    for start, end in zip(starts, [*starts[1:], length]):
         out = model(
             input_ids=input_ids[:, start:end].to(device),
             attention_mask=mask[:, : done + end].to(device),

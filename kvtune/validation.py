@@ -96,7 +96,7 @@ def check_model_source(name: str) -> None:
             raise UserError(f"model {name} is a file; give the directory that holds config.json and the weights")
         return
     if not HUB_ID.match(name):
-        raise UserError(f"no such directory: {name} (model= takes 'embedded', a local directory or a Hub id)")
+        raise UserError(f"no such directory: {name} (a model is 'embedded', a local directory or a Hub id owner/name)")
 
 
 def read_text_file(path: str | Path, what: str) -> str:

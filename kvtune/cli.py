@@ -78,10 +78,8 @@ def run_generate(cfg) -> str | list[str]:
     )
     console = Console()
     console.print(f"[bold]{cfg.method}[/bold] budget={cfg.budget} ratio={cfg.ratio}")
-    if questions is None:
-        console.print(repr(answer))
-    for question, reply in zip(questions or [], answer or []):
-        console.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {reply!r}")
+    for question, reply in zip(questions or [cfg.question], answer if questions else [answer]):
+        print(f"Q: {question}\nA: {reply!r}")  # plain print: never wrapped, no markup read in the texts
     console.print(f"{len(tokenizer(context).input_ids)} context tokens, {time.perf_counter() - start:.1f} s")
     return answer
 
@@ -211,7 +209,7 @@ def check_overrides(command: str, overrides: list[str]) -> None:
 
     checks = OVERRIDE_CHECKS.get(command, {})
     try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if "=" in o and o[0] != "-"])
     except HydraException:
         return  # a malformed override: Hydra itself reports it
     for override in parsed:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,20 @@ def test_embedded_saved_cache_gives_identical_follow_up_logits(embedded, tmp_pat
     with torch.no_grad():
         pad = tokenizer.pad_token_id
         assert torch.equal(_follow_up(model, loaded, tails, pad), _follow_up(model, cache, tails, pad))
+
+
+@pytest.mark.slow
+def test_cli_questions_file_prints_every_answer(embedded, tmp_path):
+    model, tokenizer = embedded
+    context = "The hangar door code is 4417. Pilots park on the east apron. " * 8
+    questions = [" What is the door code?", " Where do pilots park?"]
+    (tmp_path / "context.txt").write_text(context)
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n\n")
+    options = dict(method="snapkv", budget=32, max_new_tokens=5, answer_prefix=" Answer:")
+    expected = kvtune.generate(model, tokenizer, context, questions=questions, **options)
+    command = [sys.executable, "-m", "kvtune.cli", "generate", f"context_file={tmp_path / 'context.txt'}"]
+    command += [f"questions_file={tmp_path / 'questions.txt'}", "answer_prefix=' Answer:'"]
+    command += ["method=snapkv", "budget=32", "max_new_tokens=5"]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+    for question, answer in zip(questions, expected):
+        assert f"Q: {question}\nA: {answer!r}\n" in out

@@ -305,10 +305,10 @@ def generate(
                 f"the context is a cache already compressed by {context.made_by or 'an unknown method'}: "
                 "method, budget, ratio and question_aware do not apply to it"
             )
-        if context.context is None:
+        if context.context is None or context.context.mask.shape[1] != context.get_seq_length():
             raise UserError(
-                "this cache does not record the context it holds (mask and last logits): make it with "
-                "kvtune.compress_context, or load one saved from such a cache"
+                "this cache does not record the context it holds (mask and last logits), or tokens were appended "
+                "after it: make it with kvtune.compress_context, or load one saved from such a cache"
             )
         cache = context
         chat_template = chat_template or bool((cache.made_by or {}).get("chat_template"))

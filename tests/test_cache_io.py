@@ -182,6 +182,10 @@ def test_saved_context_answers_like_the_original(small, tmp_path):
     )
     with pytest.raises(kvtune.UserError, match="do not apply"):
         kvtune.generate(model, tokenizer, loaded, question="?", method="snapkv", budget=8)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6]]), **cache_kwargs(model, loaded), use_cache=True)
+    with pytest.raises(kvtune.UserError, match="tokens were appended after it"):
+        kvtune.generate(model, tokenizer, loaded, question="?")
 
 
 @pytest.mark.slow

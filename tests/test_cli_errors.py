@@ -74,8 +74,9 @@ def test_cli_user_error_is_one_line_with_status_2(case, tmp_path, latin1):
     assert message.format(**fill) in lines[0]
 
 
-def test_hydra_full_error_still_shows_the_traceback():
-    result = _kvtune(["generate", "method=snapkv", "context=hi"], HYDRA_FULL_ERROR="1")
+@pytest.mark.parametrize("budget", ["budget=null", "budget=0"])  # checked inside the Hydra task / before Hydra
+def test_hydra_full_error_still_shows_the_traceback(budget):
+    result = _kvtune(["generate", "method=snapkv", budget, "context=hi"], HYDRA_FULL_ERROR="1")
     assert result.returncode != 0 and "Traceback" in result.stderr and "UserError" in result.stderr
 
 

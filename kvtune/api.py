@@ -17,7 +17,7 @@ from kvtune.attention import use_kvtune_attention
 from kvtune.cache import KVCache
 from kvtune.cache_io import ContextState, copy_cache, model_fingerprint, tokenizer_fingerprint
 from kvtune.methods import Policy, build
-from kvtune.validation import UserError, check_contexts, check_method_args
+from kvtune.validation import UserError, check_contexts, check_method_args, check_questions
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
 
@@ -294,11 +294,7 @@ def generate(
         from kvtune.adapters import load_adapter
 
         model = load_adapter(model, adapter)
-    if questions is not None and question_aware:
-        raise UserError(
-            "questions=[...] compresses the context once, before any question is seen; question_aware=True "
-            "compresses it with each question: ask them one by one"
-        )
+    check_questions(questions, question_aware)
     if isinstance(context, KVCache):
         if method != "full" or budget is not None or ratio is not None or method_kwargs or question_aware:
             raise UserError(

@@ -23,6 +23,7 @@ from kvtune.validation import (
     check_method_args,
     check_model_source,
     check_prefill_chunk,
+    check_questions,
     check_ratio,
     read_text_file,
 )
@@ -55,6 +56,7 @@ def run_generate(cfg) -> str | list[str]:
     context = cfg.context if cfg.context is not None else read_text_file(cfg.context_file, "context_file")
     check_contexts([context])
     questions = _questions(cfg)
+    check_questions(questions, cfg.question_aware)
 
     import kvtune
 

@@ -81,6 +81,16 @@ def check_contexts(contexts: list[str]) -> None:
             raise UserError(f"the context is empty{where}: there is nothing to prefill or compress")
 
 
+def check_questions(questions: list[str] | None, question_aware: bool) -> None:
+    if questions is not None and question_aware:
+        raise UserError(
+            "questions=[...] compresses the context once, before any question is seen; question_aware=True "
+            "compresses it with each question: ask them one by one"
+        )
+    if questions is not None and not questions:
+        raise UserError("questions=[...] is empty: give at least one question")
+
+
 def check_model_source(name: str) -> None:
     """``embedded``, a local directory, or something shaped like a Hub id (``name`` or ``owner/name``).
 

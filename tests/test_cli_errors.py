@@ -31,6 +31,10 @@ CASES = {
         ["generate", "context=hi", "questions_file={latin1}"],
         "questions_file: {latin1} is not UTF-8 text",
     ),
+    "questions_file_question_aware": (
+        ["generate", "context=hi", "questions_file={questions}", "question_aware=true"],
+        "question_aware=True compresses it with each question",
+    ),
     "missing_model_dir": (["generate", "model=/no/such/model", "context=hi"], "no such directory: /no/such/model"),
     "missing_model_dir_eval": (["eval", "model=./no_model_here"], "no such directory: ./no_model_here"),
     "missing_model_dir_fit": (["fit", "model.name=/no/such/model"], "no such directory: /no/such/model"),
@@ -62,7 +66,8 @@ def latin1(tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cli_user_error_is_one_line_with_status_2(case, tmp_path, latin1):
     args, message = CASES[case]
-    fill = {"latin1": latin1, "tmp": tmp_path}
+    (tmp_path / "questions.txt").write_text("Who?\nWhen?\n")
+    fill = {"latin1": latin1, "tmp": tmp_path, "questions": tmp_path / "questions.txt"}
     if args[0] in ("generate", "eval", "bench") and not any(a.startswith("model=") for a in args):
         args = [*args, f"model={OFFLINE_MODEL}"]  # loading it would fail otherwise: the check must come first
     result = _kvtune([a.format(**fill) for a in args], HYDRA_FULL_ERROR="0")

@@ -45,8 +45,9 @@ def new_cache(model: PreTrainedModel, policy: Policy | None = None) -> KVCache:
     use_kvtune_attention(model)
     cache = KVCache(model.config.get_text_config().num_hidden_layers, policy)
     inner = getattr(policy, "inner", None)
+    name = "full" if policy is None else getattr(policy, "name", type(policy).__name__)  # recorders have none
     cache.made_by = {
-        "method": "full" if policy is None else policy.name + (f"+{inner.name}" if inner is not None else ""),
+        "method": name + (f"+{inner.name}" if inner is not None else ""),
         "budget": getattr(policy, "budget", None),
         "ratio": getattr(policy, "ratio", None),
         "model": model_fingerprint(model),

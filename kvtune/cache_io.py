@@ -45,7 +45,8 @@ def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
     """Shape of the cache this model writes, plus a hash of a strided sample of its weights (fine-tunes differ)."""
     config = model.config.get_text_config()
     heads = config.num_attention_heads
-    params = [p for p in model.parameters() if p.device.type != "meta"]  # offloaded weights are not read
+    # plain local tensors only: offloaded (meta), sharded (FSDP DTensor) and ZeRO-3 placeholder weights are not read
+    params = [p for p in model.parameters() if type(p.data) is torch.Tensor and p.device.type != "meta" and p.numel()]
     digest = hashlib.sha256()
     for param in (params[0], params[len(params) // 2], params[-1]) if params else ():
         flat = param.detach().flatten()

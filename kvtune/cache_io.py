@@ -181,7 +181,10 @@ def _restore_layer(layer, part: dict[str, torch.Tensor]) -> None:
 
     keys, values = dense(part["keys"]), dense(part["values"])
     aux = dense(part["aux"]) if "aux" in part else None
-    layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+    # fresh empty tensors: a zero-length slice of the padded copy would keep all of its storage alive
+    layer.lazy_initialization(
+        keys.new_empty(batch, heads, 0, keys.shape[-1]), values.new_empty(batch, heads, 0, values.shape[-1])
+    )
     indices = torch.arange(width, device=lengths.device).expand(batch, heads, width)
     indices = torch.where(valid, indices, width)  # each head's valid positions first (ascending), then filler
     indices = indices.sort(dim=-1).values

@@ -75,6 +75,24 @@ def test_file_holds_only_the_kept_entries(tmp_path):
     assert kept * entry < path.stat().st_size < kept * entry + 64_000
 
 
+def _storage_bytes(cache) -> int:
+    """Bytes the layers' tensors really hold (storages deduplicated), whatever the layers call them."""
+    storages = {}
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_loaded_cache_holds_only_the_kept_entries(tmp_path):
+    model = tiny_llama()
+    cache = _compressed_context(model, [list(range(1, 61)), list(range(1, 31))], budget=16)
+    loaded = kvtune.load_cache(cache.save(tmp_path / "ctx.safetensors"), model)
+    kept = sum(int(n.sum()) for n in cache.lengths())
+    assert kept * 2 * 8 * 4 <= _storage_bytes(loaded) <= kept * 2 * 8 * 4 + 1024 * len(loaded.layers)
+
+
 def test_copy_shares_no_mutable_state():
     model = tiny_llama()
     cache = _compressed_context(model, [list(range(1, 41))])

@@ -108,10 +108,12 @@ def run_eval(cfg) -> dict:
 
 def run_report(argv: list[str]) -> None:
     """`kvtune report DIR`: rebuild results.md and results.png from DIR/results.jsonl."""
-    from kvtune.eval.report import build_report
+    from kvtune.eval.report import RESULTS, build_report
 
     if len(argv) != 1:
         raise UserError("usage: kvtune report RESULTS_DIR")
+    if not (Path(argv[0]) / RESULTS).is_file():
+        raise UserError(f"{argv[0]} holds no {RESULTS}: give the results_dir of a `kvtune eval` run or sweep")
     table, image = build_report(argv[0])
     print(table.read_text())
     print(f"wrote {table} and {image}")

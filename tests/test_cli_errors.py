@@ -38,6 +38,7 @@ CASES = {
     "missing_model_dir": (["generate", "model=/no/such/model", "context=hi"], "no such directory: /no/such/model"),
     "missing_model_dir_eval": (["eval", "model=./no_model_here"], "no such directory: ./no_model_here"),
     "missing_model_dir_fit": (["fit", "model.name=/no/such/model"], "no such directory: /no/such/model"),
+    "report_not_results": (["report", "{tmp}"], "holds no results.jsonl"),
     "export_not_a_run": (["export", "{tmp}", "{tmp}/out"], "is not a kvtune fit run"),
     "export_missing_dir": (["export", "/no/such/run", "{tmp}/out"], "no such directory: /no/such/run"),
 }

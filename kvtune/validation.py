@@ -98,6 +98,7 @@ def check_model_source(name: str) -> None:
     """
     from kvtune.models import EMBEDDED
 
+    name = str(name)  # a command-line value may arrive as a number
     if name == EMBEDDED:
         return
     path = Path(name).expanduser()
@@ -111,7 +112,7 @@ def check_model_source(name: str) -> None:
 
 def read_text_file(path: str | Path, what: str) -> str:
     """The file's text, or a message naming the file (``what`` is the option that gave it) and the problem."""
-    path = Path(path).expanduser()
+    path = Path(str(path)).expanduser()
     if not path.is_file():
         raise UserError(f"{what}: no such file: {path}")
     data = path.read_bytes()

@@ -59,7 +59,7 @@ def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "vocab_size": config.vocab_size,
         "dtype": str(model.dtype).removeprefix("torch."),
-        "weights_sha256": digest.hexdigest()[:16],
+        "weights_sha256": digest.hexdigest()[:16] if params else None,  # None: not readable here, not compared
     }
 
 
@@ -141,7 +141,9 @@ def load_cache(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTo
             raise UserError(f"{path} is a kvtune cache of format version {metadata.get('version')}; need {VERSION}")
         made_by = json.loads(metadata["made_by"])
         if "model" in made_by:
-            _refuse_mismatch(made_by["model"], model_fingerprint(model), "model", (*STRUCTURE, "weights_sha256"))
+            saved, current = made_by["model"], model_fingerprint(model)
+            weights = ("weights_sha256",) if saved.get("weights_sha256") and current["weights_sha256"] else ()
+            _refuse_mismatch(saved, current, "model", (*STRUCTURE, *weights))
         if tokenizer is not None and made_by.get("tokenizer"):
             current = tokenizer_fingerprint(tokenizer)
             _refuse_mismatch(made_by["tokenizer"], current, "tokenizer", ("vocab_size", "vocab_sha256"))

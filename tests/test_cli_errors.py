@@ -27,6 +27,10 @@ CASES = {
     "empty_context": (["generate", "context="], "the context is empty"),
     "missing_context_file": (["generate", "context_file=/no/such.txt"], "context_file: no such file: /no/such.txt"),
     "latin1_context_file": (["generate", "context_file={latin1}"], "is not UTF-8 text (byte 0xe9 at offset 3"),
+    "missing_questions_file": (
+        ["generate", "context=hi", "questions_file=/no/q.txt"],
+        "questions_file: no such file: /no/q.txt",
+    ),
     "latin1_questions_file": (
         ["generate", "context=hi", "questions_file={latin1}"],
         "questions_file: {latin1} is not UTF-8 text",

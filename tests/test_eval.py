@@ -121,6 +121,7 @@ def test_eval_config_rejects_unknown_keys_and_task_options(tmp_path):
 
 @pytest.mark.slow
 def test_cli_multirun_and_report(tmp_path):
+    results, jobs = tmp_path / "results", tmp_path / "jobs"
     command = [
         sys.executable,
         "-m",
@@ -132,11 +133,19 @@ def test_cli_multirun_and_report(tmp_path):
         "context_length=600",
         "samples=2",
         "batch_size=2",
-        f"hydra.sweep.dir={tmp_path}",
+        f"results_dir={results}",
+        f"hydra.sweep.dir={jobs}",
         "-m",
     ]
     subprocess.run(command, check=True, capture_output=True)
-    rows = read_rows(tmp_path)
+    # results only: Hydra's job folders and logs stay in the sweep directory
+    assert {p.name for p in results.iterdir()} == {"results.jsonl", "samples.jsonl", "results.md", "results.png"}
+    assert (jobs / "0" / ".hydra").is_dir()
+    samples = [json.loads(line) for line in (results / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {(s["task"], s["method"], s["sample"]) for s in samples} == {
+        (t, m, i) for t in ("passkey", "perplexity") for m in ("full", "snapkv") for i in (0, 1)
+    }
+    rows = read_rows(results)
     assert {(r["task"], r["method"]) for r in rows} == {
         (t, m) for t in ("passkey", "perplexity") for m in ("full", "snapkv")
     }
@@ -144,10 +153,10 @@ def test_cli_multirun_and_report(tmp_path):
     assert perplexity["full"]["score"] == pytest.approx(math.exp(perplexity["full"]["answer_nll"]))
     assert perplexity["snapkv"]["kv_bytes"] < perplexity["full"]["kv_bytes"]
     report = subprocess.run(
-        [sys.executable, "-m", "kvtune.cli", "report", str(tmp_path)], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "kvtune.cli", "report", str(results)], check=True, capture_output=True, text=True
     )
-    assert "perplexity" in report.stdout and (tmp_path / "results.png").exists()
-    assert all(json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
+    assert "perplexity" in report.stdout and (results / "results.png").exists()
+    assert all(json.loads(line) for line in (results / "results.jsonl").read_text().splitlines())
 
 
 def test_bench_measures_the_cache_it_keeps():

@@ -14,6 +14,7 @@ from kvtune.eval.report import RESULTS, build_report
 from kvtune.eval.runner import evaluate
 from kvtune.eval.tasks import build_task
 from kvtune.models import load_model
+from kvtune.validation import UserError
 
 _loaded: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
 
@@ -34,18 +35,23 @@ def _task(options: dict[str, Any]):
     try:
         return build_task(name, **options)
     except TypeError as error:  # an unknown option: say which task rejected what
-        raise ValueError(f"task {name!r} rejected its options {sorted(options)}: {error}") from error
+        raise UserError(f"task {name!r} rejected its options {sorted(options)}: {error}") from error
+    except ValueError as error:  # an unknown task or an option value it refuses
+        raise UserError(str(error)) from error
 
 
-def run_eval_job(cfg: DictConfig, results_dir: str | Path, job_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate ``cfg`` (an `EvalConfig`), append the row to ``results_dir/results.jsonl`` and rebuild the report.
+SAMPLES = "samples.jsonl"
+SAMPLE_KEYS = ("task", "label", "method", "budget", "ratio", "context_length", "question_aware", "seed", "task_options")
 
-    Per-sample answers go to ``job_dir/samples.jsonl`` (default: ``results_dir``).
+
+def run_eval_job(cfg: DictConfig, results_dir: str | Path) -> dict[str, Any]:
+    """Evaluate ``cfg`` (an `EvalConfig`), append its row to ``results_dir/results.jsonl``, its per-sample answers
+    (each tagged with the row's key) to ``results_dir/samples.jsonl``, and rebuild the report there.
+
+    ``results_dir`` receives results only; Hydra's job folders (configs, logs) stay in the run or sweep directory.
     """
     results_dir = Path(results_dir)
-    job_dir = Path(job_dir) if job_dir is not None else results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
-    job_dir.mkdir(parents=True, exist_ok=True)
     options = OmegaConf.to_container(cfg.task, resolve=True)
     task = _task(options)
     model, tokenizer = _model(cfg.model, cfg.dtype, cfg.adapter)
@@ -70,9 +76,10 @@ def run_eval_job(cfg: DictConfig, results_dir: str | Path, job_dir: str | Path |
     row["adapter"] = cfg.adapter
     row["label"] = cfg.label or cfg.method
     row["task_options"] = options
-    with open(job_dir / "samples.jsonl", "w") as handle:
-        for item in per_sample:
-            handle.write(json.dumps(item) + "\n")
+    key = {name: row.get(name) for name in SAMPLE_KEYS}
+    lines = [json.dumps(key | {"sample": index} | item) + "\n" for index, item in enumerate(per_sample)]
+    with open(results_dir / SAMPLES, "a") as handle:  # one write per job: whole lines under parallel launchers
+        handle.write("".join(lines))
     with open(results_dir / RESULTS, "a") as handle:  # one short append per job: safe for parallel launchers
         handle.write(json.dumps(row) + "\n")
     build_report(results_dir)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from kvtune.attention import LayerContext, allowed_mask
 from kvtune.cache import DenseView, Selection
+from kvtune.validation import UserError, check_budget, check_ratio
 
 
 class Policy:
@@ -27,13 +28,11 @@ class Policy:
 
     def __init__(self, budget: int | None = None, ratio: float | None = None, window: int = 32) -> None:
         if budget is not None and ratio is not None:
-            raise ValueError("give either budget= or ratio=, not both")
+            raise UserError("give either budget= or ratio=, not both")
         if budget is None and ratio is None:
-            raise ValueError(f"method '{self.name}' needs budget= (entries per KV head per layer) or ratio=")
-        if budget is not None and budget < 1:
-            raise ValueError(f"budget must be at least 1 entry per head, got {budget}")
-        if ratio is not None and not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio is the fraction removed and must lie in [0, 1), got {ratio}")
+            raise UserError(f"method '{self.name}' needs budget= (entries per KV head per layer) or ratio=")
+        check_budget(budget)
+        check_ratio(ratio)
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self.budget, self.ratio, self.window = budget, ratio, window

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kvtune.validation import UserError, check_prefill_chunk
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -24,6 +26,15 @@ def available() -> list[str]:
     return names + [f"{r}+{m}" for r in routers for m in inner]
 
 
+def check_name(method: str) -> None:
+    """A `UserError` listing the valid names unless ``method`` is one (``router+method`` included)."""
+    head, _, rest = str(method).partition("+")
+    if head not in _REGISTRY or (rest and rest not in _REGISTRY):
+        raise UserError(f"unknown method '{method}'; valid names: {', '.join(available())}")
+    if rest and not getattr(_REGISTRY[head], "composes", False):
+        raise UserError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
+
+
 def build(method: str, prefill_chunk: int | None = None, **kwargs):
     """Instantiate a policy by name. ``a+b`` makes ``a`` route layers and ``b`` compress the layers it keeps.
 
@@ -31,14 +42,10 @@ def build(method: str, prefill_chunk: int | None = None, **kwargs):
     `lococo` does with its own chunk), so that methods compare under the same chunking; such a prefill cannot be
     replayed from a shared full-cache recording.
     """
+    check_name(method)
+    check_prefill_chunk(prefill_chunk)
     head, _, rest = method.partition("+")
-    if head not in _REGISTRY or (rest and rest not in _REGISTRY):
-        raise ValueError(f"unknown method '{method}'; valid names: {', '.join(available())}")
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
     cls = _REGISTRY[head]
-    if rest and not getattr(cls, "composes", False):
-        raise ValueError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
     policy = cls(inner=rest, **kwargs) if rest else cls(**kwargs)
     if prefill_chunk is not None:
         policy.prefill_chunk, policy.replayable = prefill_chunk, False

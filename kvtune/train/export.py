@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvtune.eval.corpus import CORPORA, PROSE_CORPUS
 from kvtune.models import EMBEDDED
+from kvtune.validation import UserError
 
 EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantised from
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -78,9 +79,14 @@ def model_card(run_dir: Path) -> str:
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the run's adapter and a model card to ``out_dir`` (a PEFT folder)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"no such directory: {run_dir}")
     missing = [name for name in ADAPTER_FILES if not (run_dir / "adapter" / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{run_dir} holds no trained adapter ({', '.join(missing)} missing under adapter/)")
+        raise UserError(
+            f"{run_dir} is not a kvtune fit run: it holds no trained adapter ({', '.join(missing)} missing under "
+            "adapter/); give the directory `kvtune fit` wrote (output_dir)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
         shutil.copy2(run_dir / "adapter" / name, out_dir / name)

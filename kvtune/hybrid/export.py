@@ -16,9 +16,8 @@ from peft import PeftModel
 from transformers import MinistralConfig, MinistralForCausalLM, PreTrainedModel
 
 from kvtune.hybrid.plan import LayerPlan
-from kvtune.models import load_model, load_tokenizer
+from kvtune.models import EMBEDDED, load_model, load_tokenizer
 from kvtune.train.export import EMBEDDED_ORIGIN
-from kvtune.models import EMBEDDED
 
 PLAN_FILE = "plan.json"
 WEIGHT_COMPATIBLE = ("llama", "mistral", "ministral")

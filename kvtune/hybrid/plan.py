@@ -59,6 +59,10 @@ class LayerPlan:
         lazy = set(self.lazy_layers)
         return [min(length, self.sinks + self.window - 1) if i in lazy else length for i in range(self.num_layers)]
 
+    def kv_bytes(self, length: int, kv_heads: int, head_dim: int, itemsize: int, batch: int = 1) -> int:
+        """Bytes of keys and values the plan's cache holds after ``length`` tokens (what a measured cache must meet)."""
+        return 2 * sum(self.kept_entries(length)) * kv_heads * head_dim * itemsize * batch
+
     def check_model(self, model: PreTrainedModel, model_id: str | None = None) -> None:
         """Refuse a plan made for another model: different layer count, or (when given) another model id."""
         layers = model.config.get_text_config().num_hidden_layers

@@ -1,0 +1,79 @@
+"""Rows for the hybrid results table: full, untrained hybrids and trained runs, on the embedded model.
+
+    python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:4 untrained:0 run:RUN_DIR ... \
+        --out docs/results/hybrid/quality.jsonl [--perplexity-samples 4] [--passkey-samples 5]
+    python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:0 --decode 4096 8192 --out ...
+
+``untrained:S`` is the plan's lazy layers with S sinks and the plan's window; ``run:DIR`` a `kvtune fit` hybrid run
+(its plan.json and LoRA adapter, merged). Each row is appended to ``--out`` as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from peft import PeftModel
+
+import kvtune
+from kvtune.hybrid import LayerPlan, apply_plan
+from kvtune.hybrid.measure import answer_nll, decode_rows, perplexity
+
+
+def build(spec: str, plan_path: str):
+    """(model, tokenizer, plan or None, label) for one row spec."""
+    model, tokenizer = kvtune.load_model("embedded")
+    if spec == "full":
+        return model, tokenizer, None, "full"
+    kind, _, arg = spec.partition(":")
+    if kind == "untrained":
+        plan = dataclasses.replace(LayerPlan.load(plan_path), sinks=int(arg))
+        label = f"hybrid untrained, sinks={plan.sinks}"
+    elif kind == "run":
+        run = Path(arg)
+        plan = LayerPlan.load(run / "plan.json")
+        model = PeftModel.from_pretrained(model, run / "adapter").merge_and_unload()
+        steps = json.loads((run / "fit_config.json").read_text())["trainer"].get("max_steps")
+        label = f"hybrid trained ({run.name}, <= {steps} steps), sinks={plan.sinks}"
+    else:
+        raise SystemExit(f"unknown row spec {spec!r}")
+    return apply_plan(model, plan).eval(), tokenizer, plan, label
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--perplexity-samples", type=int, default=4)
+    parser.add_argument("--passkey-samples", type=int, default=5)
+    parser.add_argument("--decode", type=int, nargs="*", default=None, help="context lengths: decode speed instead")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in args.rows:
+        model, tokenizer, plan, label = build(spec, args.plan)
+        start = time.perf_counter()
+        if args.decode:
+            rows = decode_rows(model, tokenizer, plan, label, args.decode, args.decode_tokens)
+        else:
+            rows = [
+                perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
+                answer_nll(model, tokenizer, plan, "passkey", args.context_length, args.passkey_samples),
+            ]
+        for row in rows:
+            row.update(label=label, spec=spec, seconds=time.perf_counter() - start)
+            if plan is not None:
+                row.update(lazy_layers=list(plan.lazy_layers), window=plan.window, sinks=plan.sinks)
+            print(json.dumps(row), flush=True)
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -90,11 +90,11 @@ def fit_hybrid(
         max_train_sequences=cfg.data.max_train_sequences,
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs.setdefault("accumulate_grad_batches", cfg.optim.accumulate)
     max_steps = trainer_kwargs.get("max_steps", -1)
     module = HybridLM(
         model,
         lr=cfg.lighttransfer.lr,
+        accumulate=cfg.optim.accumulate,
         max_steps=max_steps if max_steps > 0 else 1000,
         warmup_steps=cfg.lighttransfer.warmup_steps,
         gradient_checkpointing=cfg.optim.gradient_checkpointing,

@@ -24,12 +24,15 @@ class HybridLM(LightningModule):
         self,
         model: nn.Module,
         lr: float = 2e-4,
+        accumulate: int = 1,
         max_steps: int = 100,
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.lr, self.max_steps, self.warmup_steps = model, lr, max_steps, warmup_steps
+        self.accumulate = accumulate
+        self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable tensors only
         if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -40,15 +43,21 @@ class HybridLM(LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        self.manual_backward(loss / self.accumulate)
         datamodule = self.trainer.datamodule
         if datamodule is not None:
             datamodule.consumed += batch.shape[0]
+        if (batch_idx + 1) % self.accumulate == 0:
+            optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         now = time.perf_counter()
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/tokens_per_s", batch.numel() / max(now - self._tick, 1e-9))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self._tick = now
-        return loss
+        return loss.detach()
 
     def on_train_epoch_end(self) -> None:
         if self.trainer.datamodule is not None:
@@ -69,7 +78,7 @@ class HybridLM(LightningModule):
             return max(0.0, 1.0 - step / self.max_steps)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}

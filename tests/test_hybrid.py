@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import kvtune
 from kvtune.api import cache_kwargs
 from kvtune.cli import CONF_DIR
 from kvtune.hybrid import LayerPlan, PlanMismatchError, apply_plan, hybrid_cache
@@ -139,6 +140,22 @@ def test_hybrid_with_sinks_matches_an_eager_reference_and_its_bounded_cache_deco
         torch.testing.assert_close(torch.stack(steps, dim=1), logits[:, 29:], atol=1e-5, rtol=1e-5)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [40, 2 + 6 - 1, 2 + 6 - 1, 40]
     assert sum(cache_storage_bytes(cache)) == plan.kv_bytes(40, kv_heads=2, head_dim=8, itemsize=4)
+
+
+# ---- test-time lighttransfer with a plan ----------------------------------------------------------------------------
+def test_lighttransfer_takes_its_lazy_layers_from_a_plan_and_decodes_at_the_window(tmp_path):
+    model, ids = tiny_llama(layers=4), torch.randint(0, 97, (1, 40))
+    path = _plan(layers=4, lazy=(0, 2), window=6, sinks=2).save(tmp_path / "plan.json")
+    with kvtune.compress(model, "lighttransfer", plan=str(path)):
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+            for t in range(40, 43):
+                model(torch.tensor([[t]]), position_ids=torch.tensor([[t]]), **cache_kwargs(model, cache))
+    assert [int(n.max()) for n in cache.lengths()] == [2 + 6 - 1, 43, 2 + 6 - 1, 43]
+    other = tiny_llama(layers=3)
+    with pytest.raises(PlanMismatchError, match="4 layers; this model has 3"), torch.no_grad():
+        with kvtune.compress(other, "lighttransfer", plan=str(path)):
+            other(ids, use_cache=True)
 
 
 # ---- calibration -----------------------------------------------------------------------------------------------------

@@ -83,6 +83,28 @@ def test_sink_merge_of_a_windowed_attention_equals_the_band_mask():
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention-2 through varlen_attn)")
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_cuda_window_kernel_equals_the_band_mask(sinks):
+    """The CUDA path (varlen_attn window_size, sinks merged by log-sum-exp) against SDPA with the band mask."""
+    from kvtune.hybrid.attention import _cuda
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    streaming = Streaming(window=64, sinks=sinks)
+    expected = F.scaled_dot_product_attention(
+        query.float(),
+        key.float(),
+        value.float(),
+        attn_mask=streaming_mask(300, 300, streaming, "cuda"),
+        enable_gqa=True,
+    )
+    got = _cuda(query, key, value, streaming, 64**-0.5).transpose(1, 2).float()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_a_window_longer_than_the_sequence_is_exactly_the_full_model():
     model, ids = tiny_llama(), torch.randint(0, 97, (2, 24))
     with torch.no_grad():

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import kvtune
 from kvtune.api import cache_kwargs
 from kvtune.cli import CONF_DIR
-from kvtune.hybrid import LayerPlan, PlanMismatchError, apply_plan, hybrid_cache
+from kvtune.hybrid import LayerPlan, PlanMismatchError, apply_plan, hybrid_cache, load_hybrid
 from kvtune.hybrid.attention import Streaming, cache_storage_bytes, sink_merge, streaming_mask
 from kvtune.hybrid.calibrate import layer_scores
 from kvtune.hybrid.export import export_hybrid, hybrid_config, to_hybrid_model
@@ -347,3 +347,6 @@ def test_fit_trains_lora_with_the_plan_and_resumes_exactly(tmp_path, embedded_to
         torch.testing.assert_close(straight[name], resumed[name], atol=0, rtol=0)
     saved = LayerPlan.load(tmp_path / "a/plan.json")
     assert saved.lazy_layers == (1,) and (saved.window, saved.sinks) == (8, 2)
+    hybrid = load_hybrid(_toy_base(embedded_tokenizer), tmp_path / "a" / "adapter")
+    modules = [layer.self_attn for layer in hybrid.model.layers]
+    assert [m.kvtune_streaming for m in modules] == [None, Streaming(window=8, sinks=2)]

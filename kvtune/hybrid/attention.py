@@ -17,6 +17,7 @@ Window semantics are transformers' ``sliding_window``: a query sees keys at dist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,17 @@ def apply_plan(model: PreTrainedModel, plan: LayerPlan, model_id: str | None = N
     base.set_attn_implementation(BACKEND)
     base.kvtune_plan = plan
     return model
+
+
+def load_hybrid(model: PreTrainedModel, folder: str | Path) -> PreTrainedModel:
+    """A trained hybrid from its adapter folder (``RUN/adapter``: LoRA plus ``plan.json``), LoRA merged."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    plan = LayerPlan.load(folder / "plan.json")
+    plan.check_model(model)
+    merged = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return apply_plan(merged, plan).eval()
 
 
 class SinkWindowLayer(DynamicLayer):

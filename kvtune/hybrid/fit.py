@@ -116,6 +116,7 @@ def fit_hybrid(
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
     if trainer.is_global_zero:
         plan.save(output_dir / PLAN_FILE)
+        plan.save(output_dir / "adapter" / PLAN_FILE)  # the adapter folder is self-contained: `load_hybrid` reads both
         record = {**OmegaConf.to_container(cfg, resolve=True), "recipe": _recipe_name()}
         (output_dir / "fit_config.json").write_text(json.dumps(record, indent=2))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -262,6 +262,46 @@ def test_exported_hybrid_serves_on_plain_transformers_like_kvtunes_hybrid(tmp_pa
     assert served["storage_bytes"] == [(n + (i in lazy)) * entry for i, n in enumerate(plan.kept_entries(35))]
 
 
+EMBEDDED_STOCK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert not any(m.startswith("kvtune") for m in sys.modules)
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_embedded_hybrid_exports_to_the_same_logits(tmp_path, embedded_tokenizer):
+    """SmolLM2 (tied embeddings, 30 layers) as a 15-sliding-layer Ministral: stock logits equal kvtune's hybrid."""
+    model = kvtune.load_model("embedded")[0]
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    for name, parameter in peft.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    run = tmp_path / "run"
+    peft.save_pretrained(run / "adapter")
+    plan = LayerPlan("embedded", 30, tuple(range(1, 30, 2)), window=64, sinks=0)
+    plan.save(run / "plan.json")
+    (run / "fit_config.json").write_text(json.dumps({"model": {"name": "embedded", "dtype": "float32"}}))
+    out = export_hybrid(run, tmp_path / "export")
+    ids = torch.tensor([embedded_tokenizer(kvtune.eval.corpus.corpus_text()).input_ids[:300]])
+    torch.save(ids, tmp_path / "ids.pt")
+    command = [sys.executable, "-c", EMBEDDED_STOCK, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    hybrid = load_hybrid(kvtune.load_model("embedded")[0], _with_plan(run))
+    with torch.no_grad():
+        ours = hybrid(ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours, atol=1e-4, rtol=1e-4)
+
+
+def _with_plan(run):
+    (run / "adapter" / "plan.json").write_text((run / "plan.json").read_text())
+    return run / "adapter"
+
+
 def test_export_refuses_a_plan_with_sinks_before_loading_anything(tmp_path):
     with pytest.raises(ValueError, match="lighttransfer.sinks=0"):
         hybrid_config(LlamaConfig(), _plan(sinks=4))

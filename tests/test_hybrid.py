@@ -18,7 +18,7 @@ import kvtune
 from kvtune.api import cache_kwargs
 from kvtune.cli import CONF_DIR
 from kvtune.hybrid import LayerPlan, PlanMismatchError, apply_plan, hybrid_cache, load_hybrid
-from kvtune.hybrid.attention import Streaming, cache_storage_bytes, sink_merge, streaming_mask
+from kvtune.hybrid.attention import Streaming, cache_storage_bytes, flex_streaming, sink_merge, streaming_mask
 from kvtune.hybrid.calibrate import layer_scores
 from kvtune.hybrid.export import export_hybrid, hybrid_config, to_hybrid_model
 from kvtune.hybrid.fit import fit_hybrid
@@ -83,6 +83,20 @@ def test_sink_merge_of_a_windowed_attention_equals_the_band_mask():
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_attention_path_for_training_with_sinks_equals_the_band_mask():
+    """The CUDA training path with sinks (flex_attention block mask), run eagerly on CPU (forward only: flex has no
+    CPU backward)."""
+    torch.manual_seed(0)
+    query = torch.randn(1, 4, 48, 16)
+    key, value = torch.randn(1, 2, 48, 16), torch.randn(1, 2, 48, 16)
+    streaming, scale = Streaming(window=8, sinks=3), 0.25
+    got = flex_streaming(query, key, value, streaming, scale, compiled=False)
+    expected = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=streaming_mask(48, 48, streaming), scale=scale, enable_gqa=True
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention-2 through varlen_attn)")
 @pytest.mark.parametrize("sinks", [0, 4])
@@ -103,6 +117,20 @@ def test_cuda_window_kernel_equals_the_band_mask(sinks):
     )
     got = _cuda(query, key, value, streaming, 64**-0.5).transpose(1, 2).float()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    # training with sinks takes the flex_attention path: its gradient against the band mask's
+    query.requires_grad_(True)
+    (grad,) = torch.autograd.grad(_cuda(query, key, value, streaming, 64**-0.5).float().square().sum(), query)
+    reference = query.detach().float().requires_grad_(True)
+    band = F.scaled_dot_product_attention(
+        reference,
+        key.float(),
+        value.float(),
+        attn_mask=streaming_mask(300, 300, streaming, "cuda"),
+        scale=64**-0.5,
+        enable_gqa=True,
+    )
+    (expected_grad,) = torch.autograd.grad(band.transpose(1, 2).square().sum(), reference)
+    torch.testing.assert_close(grad.float(), expected_grad, atol=5e-2, rtol=5e-2)
 
 
 def test_a_window_longer_than_the_sequence_is_exactly_the_full_model():

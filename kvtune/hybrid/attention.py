@@ -8,8 +8,9 @@ per call, with keys right-aligned to the queries; this holds for a full sequence
 
 - CPU: SDPA with a boolean band mask (plus the sink columns) built per call; full layers use SDPA's causal path.
 - CUDA: PyTorch's bundled FlashAttention-2 (`torch.nn.attention.varlen.varlen_attn`) with ``window_size`` for the
-  band, never a materialised T x T mask; sinks are attended separately (a ``q x sinks`` block) and merged through
-  the log-sum-exp of both parts.
+  band, never a materialised T x T mask; at inference sinks are attended separately (a ``q x sinks`` block) and
+  merged through the log-sum-exp of both parts. Training with sinks runs compiled ``flex_attention`` with a block
+  mask (sinks + band) instead, whose backward is exact (FlashAttention's log-sum-exp output carries no gradient).
 
 Window semantics are transformers' ``sliding_window``: a query sees keys at distance ``< window``, itself included.
 """
@@ -17,6 +18,7 @@ Window semantics are transformers' ``sliding_window``: a query sees keys at dist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -96,6 +98,37 @@ def sink_merge(
     return (window_out.float() * keep_window + sink_out * keep_sinks).to(window_out.dtype)
 
 
+@lru_cache(maxsize=64)
+def _block_mask(query_length: int, key_length: int, window: int, sinks: int, device: str):
+    """flex_attention's block-sparse mask of a streaming layer (built once per shape, never dense)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = key_length - query_length
+
+    def streaming_mod(batch, head, q_idx, kv_idx):
+        distance = q_idx + offset - kv_idx
+        return (distance >= 0) & ((distance < window) | (kv_idx < sinks))
+
+    return create_block_mask(streaming_mod, None, None, query_length, key_length, device=device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_streaming(query, key, value, streaming: Streaming, scaling: float, compiled: bool = True) -> torch.Tensor:
+    """Sinks + band attention through ``flex_attention`` (``[B, H, q, d]``): exact forward and backward."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = _block_mask(query.shape[2], key.shape[2], streaming.window, streaming.sinks, str(query.device))
+    attend = _compiled_flex() if compiled else flex_attention
+    group = query.shape[1] // key.shape[1]
+    return attend(query, key, value, block_mask=mask, scale=scaling, enable_gqa=group > 1)
+
+
 def _cuda(query, key, value, streaming: Streaming | None, scaling: float) -> torch.Tensor:
     """FlashAttention-2 through ``varlen_attn``: causal, bottom-right aligned, ``window_size=(window - 1, 0)``."""
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
@@ -109,6 +142,8 @@ def _cuda(query, key, value, streaming: Streaming | None, scaling: float) -> tor
     cu_k = torch.arange(0, (batch + 1) * k_len, k_len, device=query.device, dtype=torch.int32)
     window = (-1, 0) if streaming is None else (streaming.window - 1, 0)
     with_sinks = streaming is not None and streaming.sinks > 0 and k_len > streaming.window
+    if with_sinks and torch.is_grad_enabled() and query.requires_grad:
+        return flex_streaming(query, key, value, streaming, scaling).transpose(1, 2)
     result = varlen_attn(
         flat_q,
         flat_k,

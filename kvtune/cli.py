@@ -153,8 +153,13 @@ def run_fit(cfg) -> dict:
 def run_calibrate(cfg) -> str:
     """Score the layers, write the plan (JSON) and its plot (PNG), print the lazy layers."""
     import kvtune
-    from kvtune.hybrid.calibrate import calibrate, plot_plan
+    from kvtune.hybrid.calibrate import calibrate, check_calibration, plot_plan
 
+    try:
+        check_calibration(cfg.lazy_fraction, cfg.window, cfg.sinks, cfg.sequence_length, cfg.sequences)
+    except ValueError as error:
+        print(f"kvtune calibrate: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
     model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
     plan = calibrate(
         model,

@@ -216,6 +216,17 @@ def test_calibration_scores_a_window_covering_everything_as_fully_lazy():
     assert layer_scores(model, sequences, window=47, sinks=1) == pytest.approx([1.0] * 3)
 
 
+def test_calibrate_cli_refuses_impossible_settings_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvtune.cli", "calibrate", "window=512", "sequence_length=256"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "must be longer than sinks + window (516)" in result.stderr.strip().splitlines()[-1]
+
+
 # ---- export to stock transformers ------------------------------------------------------------------------------------
 STOCK = """
 import json, sys, torch

@@ -63,6 +63,18 @@ def layer_scores(
     return [sum(probe.ratios[i]) / len(probe.ratios[i]) for i in range(layers)]
 
 
+def check_calibration(lazy_fraction: float, window: int, sinks: int, sequence_length: int, sequences: int) -> None:
+    """Refuse settings that cannot make a plan, before any model is loaded."""
+    if not 0.0 <= lazy_fraction <= 1.0:
+        raise ValueError(f"lazy_fraction must lie in [0, 1], got {lazy_fraction}")
+    if window < 1 or sinks < 0 or sequences < 1:
+        raise ValueError(f"need window >= 1, sinks >= 0 and sequences >= 1; got {window}, {sinks}, {sequences}")
+    if sequence_length <= sinks + window:
+        raise ValueError(
+            f"calibration sequences ({sequence_length} tokens) must be longer than sinks + window ({sinks + window})"
+        )
+
+
 def calibrate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -76,10 +88,7 @@ def calibrate(
     last_queries: int = 32,
 ) -> LayerPlan:
     """Score the layers on ``sequences`` sequences of ``source`` and make the plan that streams the laziest."""
-    if sequence_length <= sinks + window:
-        raise ValueError(
-            f"calibration sequences ({sequence_length} tokens) must be longer than sinks + window ({sinks + window})"
-        )
+    check_calibration(lazy_fraction, window, sinks, sequence_length, sequences)
     data = calibration_sequences(tokenizer, source, sequence_length, sequences)
     scores = layer_scores(model, data, window, sinks, last_queries)
     record = {

@@ -43,11 +43,42 @@ def build(spec: str, plan_path: str):
     return apply_plan(model, plan).eval(), tokenizer, plan, label
 
 
+def table(path: Path) -> str:
+    """The quality rows of ``path`` as one markdown table: a row per model, perplexity and passkey side by side."""
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["label"], {})[row["task"]] = row
+    full = rows.get("full", {}).get("perplexity")
+    lines = [
+        "| model | perplexity 4K (NLL) | perplexity gap to full closed | passkey answer NLL | KV bytes at 4K (x full) |",
+        "|---|---|---|---|---|",
+    ]
+    untrained = {
+        r["perplexity"]["sinks"]: r["perplexity"] for r in rows.values() if "untrained" in r["perplexity"]["label"]
+    }
+    for label, tasks in rows.items():
+        ppl, passkey = tasks.get("perplexity"), tasks.get("passkey")
+        closed = ""
+        base = untrained.get(ppl.get("sinks")) if ppl else None
+        if full and base and "trained (" in label and base["score"] > full["score"]:
+            closed = f"{(base['score'] - ppl['score']) / (base['score'] - full['score']):.0%}"
+        ratio = f" ({ppl['kv_bytes'] / full['kv_bytes']:.3f})" if full else ""
+        lines.append(
+            f"| {label} | {ppl['score']:.3f} ({ppl['answer_nll']:.4f}) | {closed} | "
+            f"{passkey['answer_nll']:.3f} | {ppl['kv_bytes'] / 2**20:.1f} MiB{ratio} |"
+            if ppl and passkey
+            else f"| {label} | incomplete | | | |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--plan")
+    parser.add_argument("--rows", nargs="+", default=[])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--table", action="store_true", help="print --out's quality rows as markdown and exit")
     parser.add_argument("--context-length", type=int, default=4096)
     parser.add_argument("--perplexity-samples", type=int, default=4)
     parser.add_argument("--passkey-samples", type=int, default=5)
@@ -55,6 +86,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     args = parser.parse_args()
     out = Path(args.out)
+    if args.table:
+        print(table(out))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.rows:
         model, tokenizer, plan, label = build(spec, args.plan)

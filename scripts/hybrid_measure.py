@@ -51,7 +51,7 @@ def table(path: Path) -> str:
         rows.setdefault(row["label"], {})[row["task"]] = row
     full = rows.get("full", {}).get("perplexity")
     lines = [
-        "| model | perplexity 4K (NLL) | perplexity gap to full closed | passkey answer NLL | KV bytes at 4K (x full) |",
+        "| model | perplexity 4K (NLL) | ppl gap to full closed | passkey answer NLL | KV bytes at 4K (x full) |",
         "|---|---|---|---|---|",
     ]
     untrained = {

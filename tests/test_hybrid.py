@@ -391,6 +391,16 @@ def _toy_base(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
+def test_gpu_recipe_composes_with_the_lococo_strategy_and_logger_groups():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="fit", overrides=["recipe=lighttransfer_llama3_8b", "lighttransfer.sinks=0"])
+    assert cfg.model.name == "meta-llama/Meta-Llama-3-8B" and cfg.trainer.accelerator == "gpu"
+    assert cfg.strategy._target_.endswith("DDPStrategy") and cfg.logger._target_.endswith("WandbLogger")
+    assert (cfg.lighttransfer.window, cfg.lighttransfer.sinks) == (1020, 0)
+    with pytest.raises(Exception, match="windw"), initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        compose(config_name="fit", overrides=["recipe=lighttransfer_quickstart", "lighttransfer.windw=3"])
+
+
 def test_fit_trains_lora_with_the_plan_and_resumes_exactly(tmp_path, embedded_tokenizer):
     plan = LayerPlan("embedded", 2, (1,), window=8, sinks=2).save(tmp_path / "plan.json")
     args = (f"lighttransfer.plan={plan}",)

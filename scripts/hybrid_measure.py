@@ -100,6 +100,12 @@ def main() -> None:
                 perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
                 answer_nll(model, tokenizer, plan, "passkey", args.context_length, args.passkey_samples),
             ]
+        if spec.startswith("run:") and not args.decode:  # the model card of `kvtune export --hybrid` quotes these
+            measured = {
+                f"{r['task']} answer NLL at {args.context_length} tokens": round(r["answer_nll"], 4) for r in rows
+            }
+            measured["KV bytes at that length"] = rows[0]["kv_bytes"]
+            (Path(spec[4:]) / "measured.json").write_text(json.dumps(measured, indent=2))
         for row in rows:
             row.update(label=label, spec=spec, seconds=time.perf_counter() - start)
             if plan is not None:

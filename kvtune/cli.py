@@ -149,11 +149,24 @@ def run_bench(cfg) -> list[dict]:
 
 
 def run_export(argv: list[str]) -> None:
-    """`kvtune export RUN_DIR OUT_DIR`: the trained adapter as a PEFT folder with a model card."""
+    """`kvtune export RUN_DIR OUT_DIR`: the trained adapter as a PEFT folder with a model card.
+
+    `kvtune export --hybrid RUN_DIR OUT_DIR`: a sink-free LightTransfer run as a standard transformers checkpoint.
+    """
     from kvtune.train.export import export
 
+    hybrid = "--hybrid" in argv
+    argv = [a for a in argv if a != "--hybrid"]
     if len(argv) != 2:
-        raise UserError("usage: kvtune export RUN_DIR OUT_DIR")
+        raise UserError("usage: kvtune export [--hybrid] RUN_DIR OUT_DIR")
+    if hybrid:
+        from kvtune.hybrid.export import export_hybrid
+
+        try:
+            print(f"exported to {export_hybrid(argv[0], argv[1])}")
+        except (FileNotFoundError, ValueError) as error:
+            raise UserError(str(error)) from error
+        return
     print(f"exported to {export(argv[0], argv[1])}")
 
 
@@ -175,14 +188,48 @@ def run_push(argv: list[str]) -> None:
 
 
 def run_fit(cfg) -> dict:
-    """Train, then print where the adapter went."""
+    """Train, then print where the adapter went (a ``lighttransfer`` section trains a hybrid instead of LoCoCo)."""
     check_model_source(cfg.model.name)
     from kvtune.train.fit import fit
 
+    if cfg.lighttransfer is not None:
+        from kvtune.hybrid.fit import fit_hybrid
+
+        fit = fit_hybrid
     metrics = fit(cfg, cfg.output_dir)
     print(json.dumps(metrics))
     print(f"adapter saved to {Path(cfg.output_dir) / 'adapter'}")
     return metrics
+
+
+def run_calibrate(cfg) -> str:
+    """Score the layers, write the plan (JSON) and its plot (PNG), print the lazy layers."""
+    import kvtune
+    from kvtune.hybrid.calibrate import calibrate, check_calibration, plot_plan
+
+    try:
+        check_calibration(cfg.lazy_fraction, cfg.window, cfg.sinks, cfg.sequence_length, cfg.sequences)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    check_model_source(cfg.model)
+    model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
+    plan = calibrate(
+        model,
+        tokenizer,
+        cfg.model,
+        lazy_fraction=cfg.lazy_fraction,
+        window=cfg.window,
+        sinks=cfg.sinks,
+        source=cfg.source,
+        sequence_length=cfg.sequence_length,
+        sequences=cfg.sequences,
+        last_queries=cfg.last_queries,
+    )
+    path = plan.save(cfg.output)
+    if cfg.plot:
+        print(f"plot: {plot_plan(plan, cfg.plot)}")
+    print(f"lazy layers {list(plan.lazy_layers)} of {plan.num_layers}; plan: {path}")
+    return str(path)
 
 
 # Overrides checked on every value (sweeps included) before Hydra composes the config, so before any model loads
@@ -273,7 +320,13 @@ def main() -> None:
     hydra.main(config_path=CONF_DIR, config_name=command, version_base="1.3")(_reporting(command, COMMANDS[command]))()
 
 
-COMMANDS = {"generate": run_generate, "eval": run_eval, "bench": run_bench, "fit": run_fit}  # Hydra-composed
+COMMANDS = {  # Hydra-composed
+    "generate": run_generate,
+    "eval": run_eval,
+    "bench": run_bench,
+    "fit": run_fit,
+    "calibrate": run_calibrate,
+}
 PLAIN_COMMANDS = {"report": run_report, "export": run_export, "push": run_push}  # positional arguments
 
 

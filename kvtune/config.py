@@ -131,6 +131,42 @@ class OptimConfig:
 
 
 @dataclass
+class LightTransferFitConfig:
+    """`kvtune fit` of a LightTransfer hybrid (section ``lighttransfer``): the plan's lazy layers attend to sinks +
+    a sliding window while LoRA trains; ``sinks=0`` trains a pure sliding window that `kvtune export --hybrid` can
+    write as a standard transformers checkpoint."""
+
+    plan: str | None = None  # a `kvtune calibrate` plan (its lazy layers); None: calibrate at the start of the fit
+    lazy_fraction: float = 0.5  # used when calibrating here
+    window: int = 256  # a lazy layer's query sees keys at distance < window (transformers' sliding_window)
+    sinks: int = 4  # first tokens every lazy layer also sees; 0 = exportable sliding window
+    calibration_sequences: int = 8
+    sequence_length: int = 2048  # training sequence length (tokens)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = 2e-4
+    warmup_steps: int = 0
+
+
+@dataclass
+class CalibrateConfig:
+    """`kvtune calibrate`: per-layer lazy ratios over a corpus -> a layer plan (JSON) and its plot (PNG)."""
+
+    model: str = "embedded"
+    dtype: str = "float32"
+    lazy_fraction: float = 0.5
+    window: int = 256
+    sinks: int = 4
+    source: str = "stdlib_train"  # the offline training corpus (held out from evaluation), a text file/folder
+    sequence_length: int = 2048
+    sequences: int = 8
+    last_queries: int = 32
+    output: str = "${hydra:runtime.output_dir}/plan.json"
+    plot: str | None = "${hydra:runtime.output_dir}/plan.png"
+
+
+@dataclass
 class FitConfig:
     """`kvtune fit`: train KV compressors (recipes under recipes/, selected with recipe=NAME)."""
 
@@ -145,6 +181,7 @@ class FitConfig:
     checkpoint_every: int = 50
     ckpt_path: str | None = None  # "last" resumes from the run directory's last checkpoint
     output_dir: str = "${hydra:runtime.output_dir}"
+    lighttransfer: LightTransferFitConfig | None = None  # set (recipe lighttransfer_*): train a hybrid, not LoCoCo
 
 
 store = ConfigStore.instance()
@@ -152,3 +189,4 @@ store.store(name="generate_schema", node=GenerateConfig)
 store.store(name="eval_schema", node=EvalConfig)
 store.store(name="bench_schema", node=BenchConfig)
 store.store(name="fit_schema", node=FitConfig)
+store.store(name="calibrate_schema", node=CalibrateConfig)

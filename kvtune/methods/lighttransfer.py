@@ -10,6 +10,9 @@ Streaming layers keep ``budget`` entries (``sinks`` + ``budget - sinks`` recent)
 ``lighttransfer+X``: the layers that stay full run method ``X`` at the same budget. Their selection is computed
 in their own attention call and applied once the heap has settled (a layer popped later is streamed instead).
 The lazy set is chosen once per cache and per batch, on the first prefill longer than the streaming window.
+
+``plan=PATH`` (a `kvtune calibrate` layer plan) fixes the lazy set instead of deciding online; its sinks and window
+become the defaults (``budget = sinks + window - 1``: what a sliding layer of window ``window`` keeps between steps).
 """
 
 import heapq
@@ -17,6 +20,7 @@ import heapq
 import torch
 
 from kvtune.attention import LayerContext
+from kvtune.hybrid.plan import LayerPlan, PlanMismatchError
 from kvtune.methods.base import Policy, dense_view, evict_to, full_valid, valid_lengths, window_attention
 from kvtune.methods.registry import build, register
 from kvtune.methods.streaming_llm import StreamingLLM, streaming_selection
@@ -33,11 +37,18 @@ class LightTransfer(Policy):
         ratio=None,
         window: int = 32,
         lazy_fraction: float = 0.5,
-        sinks: int = 4,
+        sinks: int | None = None,
         last_queries: int = 32,
         inner: str | None = None,
+        plan: str | None = None,
         **inner_kwargs,
     ) -> None:
+        self.plan = LayerPlan.load(plan) if plan is not None else None
+        if self.plan is not None:
+            sinks = self.plan.sinks if sinks is None else sinks
+            if budget is None and ratio is None:
+                budget = sinks + self.plan.window - 1
+        sinks = 4 if sinks is None else sinks
         super().__init__(budget, ratio, window)
         if not 0.0 <= lazy_fraction <= 1.0:
             raise ValueError(f"lazy_fraction must lie in [0, 1], got {lazy_fraction}")
@@ -66,6 +77,13 @@ class LightTransfer(Policy):
         state = ctx.cache.policy_state
         lengths = valid_lengths(ctx)
         target = self.target(lengths)
+        if self.plan is not None and "lazy" not in state:
+            if ctx.num_layers != self.plan.num_layers:
+                raise PlanMismatchError(
+                    f"the plan was calibrated for {self.plan.model_id!r} with {self.plan.num_layers} layers; this "
+                    f"model has {ctx.num_layers}"
+                )
+            state["lazy"] = set(self.plan.lazy_layers)
         if "lazy" in state:  # decided earlier: stream the lazy layers, run the inner method on the others
             if ctx.layer_idx in state["lazy"]:
                 evict_to(self.streaming, ctx, target)

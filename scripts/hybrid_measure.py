@@ -1,0 +1,119 @@
+"""Rows for the hybrid results table: full, untrained hybrids and trained runs, on the embedded model.
+
+    python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:4 untrained:0 run:RUN_DIR ... \
+        --out docs/results/hybrid/quality.jsonl [--perplexity-samples 4] [--passkey-samples 5]
+    python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:0 --decode 4096 8192 --out ...
+
+``untrained:S`` is the plan's lazy layers with S sinks and the plan's window; ``run:DIR`` a `kvtune fit` hybrid run
+(its plan.json and LoRA adapter, merged). Each row is appended to ``--out`` as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from peft import PeftModel
+
+import kvtune
+from kvtune.hybrid import LayerPlan, apply_plan
+from kvtune.hybrid.measure import answer_nll, decode_rows, perplexity
+
+
+def build(spec: str, plan_path: str):
+    """(model, tokenizer, plan or None, label) for one row spec."""
+    model, tokenizer = kvtune.load_model("embedded")
+    if spec == "full":
+        return model, tokenizer, None, "full"
+    kind, _, arg = spec.partition(":")
+    if kind == "untrained":
+        plan = dataclasses.replace(LayerPlan.load(plan_path), sinks=int(arg))
+        label = f"hybrid untrained, sinks={plan.sinks}"
+    elif kind == "run":
+        run = Path(arg)
+        plan = LayerPlan.load(run / "plan.json")
+        model = PeftModel.from_pretrained(model, run / "adapter").merge_and_unload()
+        steps = json.loads((run / "fit_config.json").read_text())["trainer"].get("max_steps")
+        label = f"hybrid trained ({run.name}, <= {steps} steps), sinks={plan.sinks}"
+    else:
+        raise SystemExit(f"unknown row spec {spec!r}")
+    return apply_plan(model, plan).eval(), tokenizer, plan, label
+
+
+def table(path: Path) -> str:
+    """The quality rows of ``path`` as one markdown table: a row per model, perplexity and passkey side by side."""
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["label"], {})[row["task"]] = row
+    full = rows.get("full", {}).get("perplexity")
+    lines = [
+        "| model | perplexity 4K (NLL) | ppl gap to full closed | passkey answer NLL | KV bytes at 4K (x full) |",
+        "|---|---|---|---|---|",
+    ]
+    untrained = {
+        r["perplexity"]["sinks"]: r["perplexity"] for r in rows.values() if "untrained" in r["perplexity"]["label"]
+    }
+    for label, tasks in rows.items():
+        ppl, passkey = tasks.get("perplexity"), tasks.get("passkey")
+        closed = ""
+        base = untrained.get(ppl.get("sinks")) if ppl else None
+        if full and base and "trained (" in label and base["score"] > full["score"]:
+            closed = f"{(base['score'] - ppl['score']) / (base['score'] - full['score']):.0%}"
+        ratio = f" ({ppl['kv_bytes'] / full['kv_bytes']:.3f})" if full else ""
+        lines.append(
+            f"| {label} | {ppl['score']:.3f} ({ppl['answer_nll']:.4f}) | {closed} | "
+            f"{passkey['answer_nll']:.3f} | {ppl['kv_bytes'] / 2**20:.1f} MiB{ratio} |"
+            if ppl and passkey
+            else f"| {label} | incomplete | | | |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan")
+    parser.add_argument("--rows", nargs="+", default=[])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--table", action="store_true", help="print --out's quality rows as markdown and exit")
+    parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--perplexity-samples", type=int, default=4)
+    parser.add_argument("--passkey-samples", type=int, default=5)
+    parser.add_argument("--decode", type=int, nargs="*", default=None, help="context lengths: decode speed instead")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.table:
+        print(table(out))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in args.rows:
+        model, tokenizer, plan, label = build(spec, args.plan)
+        start = time.perf_counter()
+        if args.decode:
+            rows = decode_rows(model, tokenizer, plan, label, args.decode, args.decode_tokens)
+        else:
+            rows = [
+                perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
+                answer_nll(model, tokenizer, plan, "passkey", args.context_length, args.passkey_samples),
+            ]
+        if spec.startswith("run:") and not args.decode:  # the model card of `kvtune export --hybrid` quotes these
+            measured = {
+                f"{r['task']} answer NLL at {args.context_length} tokens": round(r["answer_nll"], 4) for r in rows
+            }
+            measured["KV bytes at that length"] = rows[0]["kv_bytes"]
+            (Path(spec[4:]) / "measured.json").write_text(json.dumps(measured, indent=2))
+        for row in rows:
+            row.update(label=label, spec=spec, seconds=time.perf_counter() - start)
+            if plan is not None:
+                row.update(lazy_layers=list(plan.lazy_layers), window=plan.window, sinks=plan.sinks)
+            print(json.dumps(row), flush=True)
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from kvtune.methods import (  # noqa: F401  (importing registers them)
     random_eviction,
     snapkv,
     streaming_llm,
+    tova,
 )
 from kvtune.methods.base import Policy
 from kvtune.methods.registry import available, build, training_free

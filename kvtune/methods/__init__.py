@@ -5,6 +5,7 @@ from kvtune.methods import (  # noqa: F401  (importing registers them)
     full,
     h2o,
     kvmerger,
+    kvzip,
     lighttransfer,
     lococo,
     pyramidkv,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtune.attention import LayerContext, allowed_mask
-from kvtune.cache import DenseView, Selection
+from kvtune.cache import DenseView, KVCache, Selection
 
 
 class Policy:
@@ -65,6 +65,12 @@ class Policy:
         """Called for every single-token step. Evicting methods keep the cache from growing past its budget."""
         if self.evicts_during_decoding:
             evict_to(self, ctx, self.decode_target(valid_lengths(ctx)))
+
+    def after_prefill(
+        self, model: torch.nn.Module, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        """Called once every layer has seen a prefill forward (``input_ids`` and the full ``attention_mask`` so far),
+        with the model: for methods that score with extra forward passes (`kvzip`). Default: nothing."""
 
     def decode_target(self, lengths: torch.Tensor) -> torch.Tensor:
         """Size to hold while decoding: the budget, or the current size once it is larger (a question appended

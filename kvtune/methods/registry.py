@@ -20,7 +20,14 @@ def available() -> list[str]:
     """Names accepted by `build`, composable ones included as ``router+method``."""
     names = sorted(_REGISTRY)
     routers = [n for n in names if getattr(_REGISTRY[n], "composes", False)]
-    inner = [n for n in names if n not in routers and n != "full" and not getattr(_REGISTRY[n], "needs_adapter", False)]
+    inner = [
+        n
+        for n in names
+        if n not in routers
+        and n != "full"
+        and not getattr(_REGISTRY[n], "needs_adapter", False)
+        and getattr(_REGISTRY[n], "composable", True)
+    ]
     return names + [f"{r}+{m}" for r in routers for m in inner]
 
 
@@ -34,6 +41,8 @@ def build(method: str, **kwargs):
         return cls(**kwargs)
     if not getattr(cls, "composes", False):
         raise ValueError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
+    if not getattr(_REGISTRY[rest], "composable", True):
+        raise ValueError(f"'{rest}' cannot run inside '{head}'; composable: {', '.join(available())}")
     return cls(inner=rest, **kwargs)
 
 

@@ -156,9 +156,17 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
-def snapkv_scores(ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max") -> torch.Tensor:
-    """SnapKV's score per KV head: window attention averaged over queries and the GQA group, then pooled."""
-    scores = group_reduce(window_attention(ctx, window).mean(dim=2), ctx.group_size)
+def snapkv_scores(
+    ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max", heads: str = "group"
+) -> torch.Tensor:
+    """SnapKV's score per KV head: window attention averaged over queries and the GQA group (``heads="group"``) or
+    over every head of the layer (``"layer"``: the same score, hence the same selection, for every KV head), then
+    pooled."""
+    received = window_attention(ctx, window).mean(dim=2)
+    if heads == "layer":
+        scores = received.mean(dim=1, keepdim=True).repeat(1, ctx.keys.shape[1], 1)
+    else:
+        scores = group_reduce(received, ctx.group_size)
     scores[..., -window:] = 0.0  # as in SnapKV, the window's own votes do not spill into the past when pooling
     if kernel > 1:
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d

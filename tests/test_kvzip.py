@@ -116,3 +116,19 @@ def test_kvzip_does_not_compose_and_needs_token_ids_without_a_tokenizer():
     ids, mask = _padded_batch([40])
     with pytest.raises(ValueError, match="prompt="):
         kvtune.api.prefill(model, kvtune.api.new_cache(model, build("kvzip", budget=8)), ids, mask)
+
+
+def test_every_prefill_path_runs_the_reconstruction(budget=10):
+    """`kvtune.prefill` (chunked too) and `model.generate` under `kvtune.compress` all end with the scoring pass."""
+    model = tiny_llama()
+    ids, mask = _padded_batch([60, 44])
+    chunked = kvtune.api.new_cache(model, build("kvzip", budget=budget, prompt=PROMPT))
+    kvtune.api.prefill(model, chunked, ids, mask, chunk=25)
+    assert all(int(held.sum(dim=1).max()) == HKV * budget for held in chunked.lengths())
+    caches = []
+    with torch.no_grad(), kvtune.compress(model, "kvzip", budget=budget, prompt=PROMPT) as policy:
+        original = policy.after_prefill
+        policy.after_prefill = lambda m, cache, *a: caches.append(cache) or original(m, cache, *a)
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert len(caches) == 1  # once, after the prompt; decoding steps are not prefills
+    assert all(int(held.sum(dim=1).max()) == HKV * (budget + 2) for held in caches[0].lengths())  # + 2 decoded

@@ -35,24 +35,33 @@ def _reference_scores(context: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     return best
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
 @pytest.mark.parametrize("chunk", [64, 24])
-def test_kvzip_keeps_the_top_max_attention_entries(chunk, length=64, budget=12):
+def test_kvzip_keeps_the_top_max_attention_entries(chunk, layerwise, length=64, budget=12):
     ids, mask = _padded_batch([length], seed=2)
     model = tiny_llama()
-    cache = kvtune.api.new_cache(model, build("kvzip", budget=budget, prompt=PROMPT, chunk=chunk))
-    full = kvtune.api.new_cache(model)
+    policy = build("kvzip", budget=budget, prompt=PROMPT, chunk=chunk, layerwise=layerwise)
+    cache, full = kvtune.api.new_cache(model, policy), kvtune.api.new_cache(model)
     kvtune.api.prefill(model, full, ids, mask)
     kvtune.api.prefill(model, cache, ids, mask)
-    for layer, everything, scores in zip(cache.layers, full.layers, _reference_scores(ids, chunk)):
-        past = scores[:, : length - 1]
-        winners = past.flatten().topk(HKV * (budget - 1)).indices  # KVzip: one ranking over the layer's heads
+    past = torch.stack([scores[:, : length - 1] for scores in _reference_scores(ids, chunk)])  # [layers, H_kv, T-1]
+    if layerwise:  # one ranking over each layer's heads
+        winners = [(layer, i) for layer in range(len(past)) for i in past[layer].flatten().topk(HKV * (budget - 1))[1]]
+    else:  # one ranking over every layer and head
+        winners = [
+            divmod(int(i), HKV * (length - 1)) for i in past.flatten().topk(past.shape[0] * HKV * (budget - 1))[1]
+        ]
+    for index, (layer, everything) in enumerate(zip(cache.layers, full.layers)):
         keys = everything.dense().keys[0]
         view = layer.dense()
         valid = view.valid.expand(1, HKV, -1)[0]
+        mine = [i for layer_index, i in winners if layer_index == index]
         for h in range(HKV):
-            expected = sorted(int(i) % (length - 1) for i in winners if int(i) // (length - 1) == h) + [length - 1]
+            expected = sorted(i % (length - 1) for i in mine if i // (length - 1) == h) + [length - 1]
             assert torch.equal(view.keys[0, h][valid[h]], keys[h, expected])
-    assert int(sum(held.sum() for held in cache.lengths())) == len(cache.layers) * HKV * budget
+    held = torch.stack([lengths[0] for lengths in cache.lengths()])
+    assert int(held.sum()) == len(cache.layers) * HKV * budget
+    assert layerwise or len(set(held.sum(dim=1).tolist())) > 1  # global: layers differ
 
 
 def test_budget_above_the_context_is_exact():
@@ -124,11 +133,14 @@ def test_every_prefill_path_runs_the_reconstruction(budget=10):
     ids, mask = _padded_batch([60, 44])
     chunked = kvtune.api.new_cache(model, build("kvzip", budget=budget, prompt=PROMPT))
     kvtune.api.prefill(model, chunked, ids, mask, chunk=25)
-    assert all(int(held.sum(dim=1).max()) == HKV * budget for held in chunked.lengths())
+    layers = len(chunked.layers)
+    per_sample = torch.stack([held.sum(dim=1) for held in chunked.lengths()]).sum(dim=0)
+    assert (per_sample == layers * HKV * budget).all()
     caches = []
     with torch.no_grad(), kvtune.compress(model, "kvzip", budget=budget, prompt=PROMPT) as policy:
         original = policy.after_prefill
         policy.after_prefill = lambda m, cache, *a: caches.append(cache) or original(m, cache, *a)
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert len(caches) == 1  # once, after the prompt; decoding steps are not prefills
-    assert all(int(held.sum(dim=1).max()) == HKV * (budget + 2) for held in caches[0].lengths())  # + 2 decoded
+    per_sample = torch.stack([held.sum(dim=1) for held in caches[0].lengths()]).sum(dim=0)
+    assert (per_sample == layers * HKV * (budget + 2)).all()  # + 2 decoded tokens

@@ -6,17 +6,17 @@ the context itself, teacher-forced, attending to the prefilled cache. An entry t
 context is an entry some later question may need, so each cached entry is scored by the **maximum** attention it
 receives from the reconstruction queries (per KV head: the maximum over its GQA query group as well). The
 reconstruction runs chunk by chunk (``chunk`` context tokens after the prompt each time), each chunk on a fresh copy
-of the prefilled cache, so peak memory stays at about two caches plus one chunk's attention. Each layer then
-keeps, per KV head, its top entries: a flattened top-k over the layer's heads decides how many each head keeps
-(Ada-KV's allocation with ``floor_alpha=0``, as KVzip's head-level selection), so heads are ragged and memory is
-really freed. The scores cost one extra forward over the context (plus the prompt per chunk), about 2x a prefill
-(`time_reconstruction` measures it).
+of the prefilled cache, so peak memory stays at about two caches plus one chunk's attention. Each KV head of each
+layer then keeps its top entries, how many being decided by a flattened top-k (see Allocation below), so heads and
+layers are ragged and memory is really freed. The scores cost one extra forward over the context (plus the prompt
+per chunk) on top of the prefill (`time_reconstruction` measures it).
 
-Differences from the paper, all deliberate:
+Differences from the paper and from kvpress's `KVzipPress`, all deliberate:
 
-* **Budget per layer, not global.** KVzip ranks entries across all layers and heads at once (a single
-  threshold); kvtune's budget is per layer (like every other kvtune method), so the ranking is across the heads of
-  one layer. Layers therefore hold the same total, heads within a layer differ.
+* **Allocation.** As in the paper, one ranking over every layer's and head's entries decides what stays
+  (``layerwise=False``, the default): the cache holds the budget summed over layers, split between layers and heads
+  by the scores. ``layerwise=True`` gives every layer its own budget and ranks across that layer's heads only
+  (Ada-KV's allocation, with its ``floor_alpha``), like kvtune's other methods.
 * **Prompt.** A raw-text prompt (``REPEAT_PROMPT``) rather than the paper's chat-templated system and user turns;
   kvtune evaluates raw-text prompts by default. It is tokenised with the tokenizer saved next to the model
   (``model.config._name_or_path``), or given as token ids (``prompt=[...]``).
@@ -153,6 +153,7 @@ class KVzip(Policy):
         floor_alpha: float = 0.0,
         chunk: int = 2048,
         prompt: str | list[int] = REPEAT_PROMPT,
+        layerwise: bool = False,
     ) -> None:
         super().__init__(budget, ratio, window)
         if not 0.0 <= floor_alpha <= 1.0:
@@ -161,7 +162,7 @@ class KVzip(Policy):
             raise ValueError(f"chunk must be at least 1 token, got {chunk}")
         if not prompt:
             raise ValueError("kvzip needs a non-empty reconstruction prompt")
-        self.floor_alpha, self.chunk = floor_alpha, chunk
+        self.floor_alpha, self.chunk, self.layerwise = floor_alpha, chunk, layerwise
         self.prompt = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
 
     def on_prefill(self, ctx: LayerContext) -> None:
@@ -189,16 +190,46 @@ class KVzip(Policy):
             scores = reconstruction_scores(model, cache, ids, mask, list(key[1]), self.chunk)
             if shared is not None:
                 shared[key] = scores
-        for layer, layer_scores, held, target in zip(cache.layers, scores, lengths, targets):
-            if bool((held <= target[:, None]).all()):
-                continue
-            view = layer.dense()
-            if view.keys.shape[2] != layer_scores.shape[-1]:
-                raise RuntimeError("kvzip: the reconstruction pass did not see the layer's entries where they are")
-            valid = view.valid.expand(view.keys.shape[0], view.keys.shape[1], -1)
-            window = self.window_size(target)
-            ranked = window_then_past(layer_scores, valid, window)
-            layer.compact(keep_top(ranked, adaptive_counts(ranked, valid, target, window, self.floor_alpha)), view)
+        views = [layer.dense() for layer in cache.layers]
+        if any(view.keys.shape[2] != layer_scores.shape[-1] for view, layer_scores in zip(views, scores)):
+            raise RuntimeError("kvzip: the reconstruction pass did not see the layers' entries where they are")
+        valids = [view.valid.expand(view.keys.shape[0], view.keys.shape[1], -1) for view in views]
+        windows = [self.window_size(target) for target in targets]
+        ranked = [window_then_past(s, v, w) for s, v, w in zip(scores, valids, windows)]
+        if self.layerwise:
+            counts = [
+                adaptive_counts(r, v, t, w, self.floor_alpha) for r, v, t, w in zip(ranked, valids, targets, windows)
+            ]
+        else:
+            counts = global_counts(ranked, valids, targets, windows)
+        for layer, view, layer_ranked, layer_counts, held in zip(cache.layers, views, ranked, counts, lengths):
+            if not torch.equal(layer_counts, held):
+                layer.compact(keep_top(layer_ranked, layer_counts), view)
+
+
+def global_counts(
+    ranked: list[torch.Tensor], valids: list[torch.Tensor], targets: list[torch.Tensor], windows: list[int]
+) -> list[torch.Tensor]:
+    """Per layer ``[B, H_kv]`` counts from one ranking of every layer's and head's past entries (KVzip's global
+    selection): the layers' summed budget is kept, the split between layers and heads follows the scores."""
+    counts = [valid.sum(dim=-1) for valid in valids]
+    heads = ranked[0].shape[1]
+    for b in range(ranked[0].shape[0]):
+        held = [int(c[b].max()) for c in counts]
+        if all(h <= int(t[b]) for h, t in zip(held, targets)):
+            continue
+        past = [(r[b].masked_fill(torch.isinf(r[b]), float("-inf"))) for r in ranked]  # neither padding nor window
+        total = sum(heads * max(0, int(t[b]) - w) for t, w in zip(targets, windows))
+        flat = torch.cat([p.flatten() for p in past])
+        total = min(total, int(torch.isfinite(flat).sum()))
+        winners = flat.topk(total).indices
+        offsets = torch.tensor([0] + [p.numel() for p in past]).cumsum(0)
+        for layer, (p, start) in enumerate(zip(past, offsets[:-1].tolist())):
+            mine = winners[(winners >= start) & (winners < start + p.numel())] - start
+            won = torch.bincount(mine // p.shape[1], minlength=heads)
+            in_window = torch.minimum(counts[layer][b], torch.full_like(won, windows[layer]))
+            counts[layer][b] = torch.minimum(won + in_window, counts[layer][b])
+    return counts
 
 
 @torch.no_grad()

@@ -301,6 +301,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/kvpress_table"))
     parser.add_argument("--check", action="store_true", help="also run kvpress's hook path once and compare")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--minutes", type=float, help="start no new sample after this many minutes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -319,6 +320,9 @@ def main() -> None:
 
 
 def _run(args: argparse.Namespace, per_sample: Path) -> None:
+    """Sample by sample: kvtune's methods (replayed from one recording), then kvpress's presses in the worker."""
+    import time
+
     from tqdm import tqdm
 
     import kvtune
@@ -330,28 +334,28 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
     unknown = sorted(set(args.methods) - set(kvtune.methods.available()))
     if unknown:
         raise SystemExit(f"unknown kvtune methods {unknown}")
+    stop_at = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
     model, tokenizer = kvtune.load_model("embedded")
     done = set()
     if per_sample.exists():
         for line in per_sample.read_text().splitlines():
             r = json.loads(line)
             done.add((r["task"], r["index"], r["method"], r["ratio"]))
-    requests = []
-    for task_name in args.tasks:
-        task = build_task(task_name)
-        samples = task.samples(tokenizer, args.context_length, args.samples, seed=0)
-        for index in args.indices if args.indices is not None else range(args.samples):
-            sample = samples[index]
+
+    def write(row: dict) -> None:
+        with per_sample.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    indices = args.indices if args.indices is not None else list(range(args.samples))
+    for index in indices:
+        for task_name in args.tasks:
+            if time.monotonic() > stop_at:
+                print(f"time is up: stopped before {task_name}[{index}]", file=sys.stderr)
+                return
+            task = build_task(task_name)
+            sample = task.samples(tokenizer, args.context_length, args.samples, seed=0)[index]
             gold = tokenizer(sample.answers[0], add_special_tokens=False).input_ids
             limit = getattr(task, "max_new_tokens", None) or len(gold) + 8
-
-            def write(method: str, ratio: float, result: dict, task=task, index=index, sample=sample) -> None:
-                row = {"task": task.name, "index": index, "method": method, "ratio": ratio}
-                row |= {k: result[k] for k in ("answer_nll", "score", "kv_bytes", "full_kv_bytes")}
-                row["answer"] = result["per_sample"][0]["answer"] if "per_sample" in result else result["answer"]
-                with per_sample.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-
             key = ("compare_kvpress", task.name, args.context_length, args.samples, index)
             for method, ratio in [("full", 0.0)] + [(m, r) for m in args.methods for r in args.ratios]:
                 if (task.name, index, method, ratio) in done:
@@ -360,56 +364,34 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
                 result = _qa(
                     model, tokenizer, task, [sample], method, None, ratio or None, {}, key, 1, False, None, progress
                 )
-                write(method, ratio, result)
-            if all((task.name, index, f"kvpress:{p}", args.ratios[-1]) in done for p in args.presses):
-                continue
-            prompt = tokenize_prompts(tokenizer, [sample.context], sample.question, sample.answer_prefix)
-            requests.append(
-                {
-                    "task": task.name,
-                    "index": index,
-                    "context": prompt.heads[0],
-                    "tail": prompt.tails[0],
-                    "gold": gold,
-                    "limit": limit,
-                    "score": (task, sample),
-                }
-            )
-    if not requests:
-        return
+                row = {"task": task.name, "index": index, "method": method, "ratio": ratio}
+                row |= {k: result[k] for k in ("answer_nll", "score", "kv_bytes", "full_kv_bytes")}
+                write(row | {"answer": result["per_sample"][0]["answer"]})
+            presses = [p for p in args.presses if (task.name, index, f"kvpress:{p}", args.ratios[-1]) not in done]
+            if presses:
+                prompt = tokenize_prompts(tokenizer, [sample.context], sample.question, sample.answer_prefix)
+                request = {"context": prompt.heads[0], "tail": prompt.tails[0], "gold": gold, "limit": limit}
+                for result in _kvpress(
+                    args, presses, request | {"task": task.name, "index": index}, _embedded_snapshot()
+                ):
+                    if (task.name, index, result["method"], result["ratio"]) in done:
+                        continue
+                    text = tokenizer.decode(result["tokens"], skip_special_tokens=True)
+                    row = {k: result[k] for k in ("task", "index", "method", "ratio", "answer_nll", "kv_bytes")}
+                    write(row | {"score": task.score(text, sample), "answer": text, "full_kv_bytes": result["full"]})
+
+
+def _kvpress(args: argparse.Namespace, presses: list[str], sample: dict, model_dir: Path) -> list[dict]:
+    """Run one sample through kvpress's presses in the worker process; rows with the full cache's bytes."""
     request_path = ROOT / "outputs" / "compare_kvpress_request.json"
     output_path = request_path.with_name("compare_kvpress_output.json")
     request_path.parent.mkdir(parents=True, exist_ok=True)
-    payload = [{k: v for k, v in r.items() if k != "score"} for r in requests]
-    request_path.write_text(
-        json.dumps(
-            {
-                "model": str(_embedded_snapshot()),
-                "presses": args.presses,
-                "ratios": args.ratios,
-                "samples": payload,
-                "output": str(output_path),
-                "check": args.check,
-            }
-        )
-    )
-    python = ensure_kvpress_venv()
-    subprocess.run([str(python), __file__, "--worker", str(request_path)], check=True)
-    scorers = {(r["task"], r["index"]): r["score"] for r in requests}
-    full_bytes: dict[tuple, int] = {}
+    request = {"model": str(model_dir), "presses": presses, "ratios": args.ratios, "samples": [sample]}
+    request_path.write_text(json.dumps(request | {"output": str(output_path), "check": args.check}))
+    subprocess.run([str(ensure_kvpress_venv()), __file__, "--worker", str(request_path)], check=True)
     results = json.loads(output_path.read_text())
-    for result in results:
-        if result["method"] == "kvpress:full":
-            full_bytes[result["task"], result["index"]] = result["kv_bytes"]
-    with per_sample.open("a") as handle:
-        for result in results:
-            task, sample = scorers[result["task"], result["index"]]
-            text = tokenizer.decode(result["tokens"], skip_special_tokens=True)
-            row = {k: result[k] for k in ("task", "index", "method", "ratio", "answer_nll", "kv_bytes")}
-            row |= {"score": task.score(text, sample), "answer": text}
-            row["full_kv_bytes"] = full_bytes[result["task"], result["index"]]
-            if (row["task"], row["index"], row["method"], row["ratio"]) not in done:
-                handle.write(json.dumps(row) + "\n")
+    full = next(r["kv_bytes"] for r in results if r["method"] == "kvpress:full")
+    return [r | {"full": full} for r in results]
 
 
 if __name__ == "__main__":

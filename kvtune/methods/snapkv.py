@@ -14,12 +14,20 @@ from kvtune.methods.registry import register
 
 POOLINGS = ("max", "avg")
 HEAD_MODES = ("group", "layer")
+# the SnapKV family's defaults (snapkv, pyramidkv and their Ada-KV variants), chosen by measurement: see the docstring
+KERNEL, POOLING, HEADS = 7, "max", "group"
 
 
 @register("snapkv")
 class SnapKV(Policy):
     def __init__(
-        self, budget=None, ratio=None, window: int = 32, kernel: int = 7, pooling: str = "max", heads: str = "group"
+        self,
+        budget=None,
+        ratio=None,
+        window: int = 32,
+        kernel: int = KERNEL,
+        pooling: str = POOLING,
+        heads: str = HEADS,
     ) -> None:
         super().__init__(budget, ratio, window)
         if pooling not in POOLINGS:

@@ -204,3 +204,21 @@ def test_chunked_prefill_holds_the_budget(budget=24):
     cache = kvtune.api.new_cache(model, build("tova", budget=budget))
     kvtune.api.prefill(model, cache, ids, mask, chunk=32)
     assert all(bool((lengths == budget).all()) for lengths in cache.lengths())
+
+
+def test_snapkv_head_averaged_votes_select_one_set_per_layer(budget=24, window=8, kernel=5):
+    ctx = _context(seed=7)
+    keys = ctx.keys.clone()
+    k = keys.double().repeat_interleave(G, dim=1)
+    logits = ctx.query[:, :, -window:].double() @ k.transpose(2, 3) * ctx.scaling
+    causal = torch.arange(N)[None, :] <= torch.arange(N - window, N)[:, None]
+    votes = logits.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=(1, 2))  # queries and every head
+    votes[:, -window:] = 0.0
+    pooled = torch.stack([votes[:, max(0, i - kernel // 2) : i + kernel // 2 + 1].max(-1).values for i in range(N)], 1)
+    build("snapkv", budget=budget, window=window, kernel=kernel, heads="layer").on_prefill(ctx)
+    kept = _kept_rows(ctx.layer, keys)
+    for (b, h), rows in kept.items():
+        assert rows == kept[b, 0] and rows[-window:] == list(range(N - window, N))  # one set per layer, window kept
+        best = sorted(pooled[b, : N - window].tolist(), reverse=True)[: budget - window]
+        got = sorted((float(pooled[b, i]) for i in rows[:-window]), reverse=True)  # pooling ties may pick either
+        assert got == pytest.approx(best, rel=1e-5)

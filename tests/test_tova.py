@@ -217,7 +217,7 @@ def test_snapkv_head_averaged_votes_select_one_set_per_layer(budget=24, window=8
     pooled = torch.stack([votes[:, max(0, i - kernel // 2) : i + kernel // 2 + 1].max(-1).values for i in range(N)], 1)
     build("snapkv", budget=budget, window=window, kernel=kernel, heads="layer").on_prefill(ctx)
     kept = _kept_rows(ctx.layer, keys)
-    for (b, h), rows in kept.items():
+    for (b, _), rows in kept.items():
         assert rows == kept[b, 0] and rows[-window:] == list(range(N - window, N))  # one set per layer, window kept
         best = sorted(pooled[b, : N - window].tolist(), reverse=True)[: budget - window]
         got = sorted((float(pooled[b, i]) for i in rows[:-window]), reverse=True)  # pooling ties may pick either

@@ -120,7 +120,7 @@ def reconstruction_scores(
     from kvtune.api import prefill  # the api imports the methods package
 
     batch = context_ids.shape[0]
-    prompt_block = torch.tensor([prompt] * batch, dtype=context_ids.dtype)
+    prompt_block = torch.tensor([prompt] * batch, dtype=context_ids.dtype, device=context_ids.device)
     policy, cache.policy = cache.policy, None  # copies must not carry (and re-run) this policy
     try:
         scores: list[torch.Tensor] | None = None

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-VARIANTS: dict[str, dict[str, Any]] = {  # one factor at a time around the pre-tuning defaults (w32, max 7, group)
+VARIANTS: dict[str, dict[str, Any]] = {  # first round: one factor at a time around the old defaults (w32 max7 group)
     "w32 max7 group": {"window": 32, "kernel": 7, "pooling": "max", "heads": "group"},
     "w8 max7 group": {"window": 8, "kernel": 7, "pooling": "max", "heads": "group"},
     "w16 max7 group": {"window": 16, "kernel": 7, "pooling": "max", "heads": "group"},
@@ -30,6 +30,10 @@ VARIANTS: dict[str, dict[str, Any]] = {  # one factor at a time around the pre-t
     "w32 avg7 group": {"window": 32, "kernel": 7, "pooling": "avg", "heads": "group"},
     "w32 avg5 group (paper)": {"window": 32, "kernel": 5, "pooling": "avg", "heads": "group"},
     "w32 max7 layer": {"window": 32, "kernel": 7, "pooling": "max", "heads": "layer"},
+    # second round: the two winners of the first (head-averaged votes, a wider max-pool) together
+    "w32 max11 layer": {"window": 32, "kernel": 11, "pooling": "max", "heads": "layer"},
+    "w32 max15 layer": {"window": 32, "kernel": 15, "pooling": "max", "heads": "layer"},
+    "w32 max31 layer": {"window": 32, "kernel": 31, "pooling": "max", "heads": "layer"},
 }
 
 
@@ -93,6 +97,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r["samples"] == args.samples and r["context_length"] == args.context_length]
     done = {(r["task"], r["question_aware"], r["label"], r["ratio"]) for r in rows}
     model, tokenizer = kvtune.load_model("embedded")
     for mode in args.modes:

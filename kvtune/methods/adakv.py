@@ -57,8 +57,10 @@ class _AdaKV:
     """Mixin over any policy with ``scores(ctx, window)`` (window +inf, invalid -inf): replaces uniform per-head
     counts with Ada-KV's adaptive ones."""
 
-    def __init__(self, *args, floor_alpha: float = 0.2, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, floor_alpha: float = 0.2, heads: str = "group", **kwargs) -> None:
+        if heads != "group":
+            raise ValueError(f"Ada-KV allocates between heads and needs per-head scores (heads='group'), got '{heads}'")
+        super().__init__(*args, heads=heads, **kwargs)
         if not 0.0 <= floor_alpha <= 1.0:
             raise ValueError(f"floor_alpha must lie in [0, 1], got {floor_alpha}")
         self.floor_alpha = floor_alpha

@@ -64,9 +64,6 @@ class TOVA(Policy):
 
 @register("adakv_tova")
 class AdaTOVA(_AdaKV, TOVA):
-    def __init__(self, budget=None, ratio=None, window: int = 1, heads: str = "group", floor_alpha: float = 0.2):
-        super().__init__(budget, ratio, window, heads, floor_alpha=floor_alpha)
-
     def on_decode(self, ctx: LayerContext) -> None:
         """Drop the layer's lowest-scoring entries (across its heads) so that it holds no more than before this step,
         or than its budget when that is larger."""

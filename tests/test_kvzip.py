@@ -17,8 +17,8 @@ HKV, GROUP = 2, 3
 
 
 def _reference_scores(context: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    """Per layer ``[H_kv, T]``: max attention from the queries reconstructing ``context`` (one row, no padding),
-    from a stock eager model fed ``context + prompt + piece`` for every piece of ``chunk`` tokens."""
+    """Per layer ``[H_kv, T]``: max attention from the queries of the reconstruction pass over ``context`` (one row,
+    no padding), from a stock eager model fed ``context + prompt + piece`` for every piece of ``chunk`` tokens."""
     model = tiny_llama()
     model.set_attn_implementation("eager")
     length = context.shape[1]
@@ -28,9 +28,8 @@ def _reference_scores(context: torch.Tensor, chunk: int) -> list[torch.Tensor]:
         ids = torch.cat([context, torch.tensor([PROMPT]), piece], dim=1)
         with torch.no_grad():
             attentions = model(input_ids=ids, output_attentions=True).attentions
-        votes = [
-            a[0, :, -piece.shape[1] :, :length].amax(dim=1).view(HKV, GROUP, length).amax(dim=1) for a in attentions
-        ]
+        received = [a[0, :, length:, :length].amax(dim=1) for a in attentions]  # prompt and piece queries, [H, T]
+        votes = [r.view(HKV, GROUP, length).amax(dim=1) for r in received]
         best = votes if best is None else [torch.maximum(a, b) for a, b in zip(best, votes)]
     return best
 
@@ -44,21 +43,22 @@ def test_kvzip_keeps_the_top_max_attention_entries(chunk, layerwise, length=64, 
     cache, full = kvtune.api.new_cache(model, policy), kvtune.api.new_cache(model)
     kvtune.api.prefill(model, full, ids, mask)
     kvtune.api.prefill(model, cache, ids, mask)
-    past = torch.stack([scores[:, : length - 1] for scores in _reference_scores(ids, chunk)])  # [layers, H_kv, T-1]
+    sinks = 4  # kept with the last entry whatever their scores, counted in the budget
+    past = torch.stack([scores[:, sinks : length - 1] for scores in _reference_scores(ids, chunk)])
+    width = past.shape[-1]
+    per_layer = HKV * (budget - 1 - sinks)
     if layerwise:  # one ranking over each layer's heads
-        winners = [(layer, i) for layer in range(len(past)) for i in past[layer].flatten().topk(HKV * (budget - 1))[1]]
+        winners = [(layer, int(i)) for layer in range(len(past)) for i in past[layer].flatten().topk(per_layer)[1]]
     else:  # one ranking over every layer and head
-        winners = [
-            divmod(int(i), HKV * (length - 1)) for i in past.flatten().topk(past.shape[0] * HKV * (budget - 1))[1]
-        ]
+        winners = [divmod(int(i), HKV * width) for i in past.flatten().topk(len(past) * per_layer)[1]]
     for index, (layer, everything) in enumerate(zip(cache.layers, full.layers)):
         keys = everything.dense().keys[0]
         view = layer.dense()
         valid = view.valid.expand(1, HKV, -1)[0]
         mine = [i for layer_index, i in winners if layer_index == index]
         for h in range(HKV):
-            expected = sorted(i % (length - 1) for i in mine if i // (length - 1) == h) + [length - 1]
-            assert torch.equal(view.keys[0, h][valid[h]], keys[h, expected])
+            chosen = sorted(sinks + i % width for i in mine if i // width == h)
+            assert torch.equal(view.keys[0, h][valid[h]], keys[h, list(range(sinks)) + chosen + [length - 1]])
     held = torch.stack([lengths[0] for lengths in cache.lengths()])
     assert int(held.sum()) == len(cache.layers) * HKV * budget
     assert layerwise or len(set(held.sum(dim=1).tolist())) > 1  # global: layers differ

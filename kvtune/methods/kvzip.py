@@ -22,10 +22,11 @@ Differences from the paper and from kvpress's `KVzipPress`, all deliberate:
   (``model.config._name_or_path``), or given as token ids (``prompt=[...]``).
 * **Every chunk repeats the prompt** (chunks are cut from the right, so that a left-padded row of a batch is
   chunked exactly as it would be alone) and attends to the whole prefilled context (not to earlier reconstruction
-  chunks); the prompt's own queries are not counted, only those reconstructing the context. Padding queries of a
-  batch are masked out.
-* **A recent window** (``window``, default 1: the last entry) is always kept, so the next token's query has its
-  predecessor; a question-aware run sets it to the question's length, so the question is kept whole.
+  chunks); every query of the pass votes (the prompt's too, as in kvpress's port of the authors' code), padding
+  queries of a batch excepted.
+* **Always kept:** the first ``sinks`` entries (4, as kvpress's port does) and a recent window (``window``, default
+  1: the last entry, so the next token's query has its predecessor; a question-aware run sets it to the question's
+  length, so the question is kept whole). Both count against the budget.
 * **Chunked prefill** (``prefill_chunk``): the pass runs after every chunk over all context seen so far, on what
   earlier chunks left; the paper scores the whole context once.
 * No softmax-normalisation tweaks, no KVzip+ head scores; scores are in fp32.
@@ -45,7 +46,7 @@ from transformers import AutoTokenizer
 from kvtune.attention import LayerContext, allowed_mask
 from kvtune.cache import KVCache
 from kvtune.methods.adakv import adaptive_counts
-from kvtune.methods.base import Policy, keep_top, window_then_past
+from kvtune.methods.base import Policy, keep_top, protect_sinks, window_then_past
 from kvtune.methods.registry import register
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
@@ -127,7 +128,7 @@ def reconstruction_scores(
         for end in range(context_ids.shape[1], 0, -chunk):  # from the right: a left-padded row chunks as alone
             start = max(0, end - chunk)
             piece = context_ids[:, start:end]
-            scorer = _MaxAttention(counted=piece.shape[1])
+            scorer = _MaxAttention(counted=prompt_block.shape[1] + piece.shape[1])
             scratch = copy.deepcopy(cache)
             scratch.policy, scratch.prefilling = scorer, True
             ids = torch.cat([prompt_block, piece], dim=1)
@@ -154,6 +155,7 @@ class KVzip(Policy):
         chunk: int = 2048,
         prompt: str | list[int] = REPEAT_PROMPT,
         layerwise: bool = False,
+        sinks: int = 4,
     ) -> None:
         super().__init__(budget, ratio, window)
         if not 0.0 <= floor_alpha <= 1.0:
@@ -162,7 +164,9 @@ class KVzip(Policy):
             raise ValueError(f"chunk must be at least 1 token, got {chunk}")
         if not prompt:
             raise ValueError("kvzip needs a non-empty reconstruction prompt")
-        self.floor_alpha, self.chunk, self.layerwise = floor_alpha, chunk, layerwise
+        if sinks < 0:
+            raise ValueError(f"sinks must be at least 0, got {sinks}")
+        self.floor_alpha, self.chunk, self.layerwise, self.sinks = floor_alpha, chunk, layerwise, sinks
         self.prompt = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
 
     def on_prefill(self, ctx: LayerContext) -> None:
@@ -195,40 +199,40 @@ class KVzip(Policy):
             raise RuntimeError("kvzip: the reconstruction pass did not see the layers' entries where they are")
         valids = [view.valid.expand(view.keys.shape[0], view.keys.shape[1], -1) for view in views]
         windows = [self.window_size(target) for target in targets]
-        ranked = [window_then_past(s, v, w) for s, v, w in zip(scores, valids, windows)]
+        ranked = [protect_sinks(window_then_past(s, v, w), v, self.sinks) for s, v, w in zip(scores, valids, windows)]
         if self.layerwise:
             counts = [
                 adaptive_counts(r, v, t, w, self.floor_alpha) for r, v, t, w in zip(ranked, valids, targets, windows)
             ]
         else:
-            counts = global_counts(ranked, valids, targets, windows)
+            counts = global_counts(ranked, valids, targets)
         for layer, view, layer_ranked, layer_counts, held in zip(cache.layers, views, ranked, counts, lengths):
             if not torch.equal(layer_counts, held):
                 layer.compact(keep_top(layer_ranked, layer_counts), view)
 
 
 def global_counts(
-    ranked: list[torch.Tensor], valids: list[torch.Tensor], targets: list[torch.Tensor], windows: list[int]
+    ranked: list[torch.Tensor], valids: list[torch.Tensor], targets: list[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Per layer ``[B, H_kv]`` counts from one ranking of every layer's and head's past entries (KVzip's global
-    selection): the layers' summed budget is kept, the split between layers and heads follows the scores."""
+    """Per layer ``[B, H_kv]`` counts from one ranking of every layer's and head's entries (KVzip's global
+    selection): the layers' summed budget is kept, protected (+inf) entries included, and the split between layers
+    and heads follows the scores."""
     counts = [valid.sum(dim=-1) for valid in valids]
     heads = ranked[0].shape[1]
     for b in range(ranked[0].shape[0]):
-        held = [int(c[b].max()) for c in counts]
-        if all(h <= int(t[b]) for h, t in zip(held, targets)):
+        if all(int(c[b].max()) <= int(t[b]) for c, t in zip(counts, targets)):
             continue
-        past = [(r[b].masked_fill(torch.isinf(r[b]), float("-inf"))) for r in ranked]  # neither padding nor window
-        total = sum(heads * max(0, int(t[b]) - w) for t, w in zip(targets, windows))
+        protected = [torch.isposinf(r[b]).sum(dim=-1) for r in ranked]
+        past = [r[b].masked_fill(torch.isinf(r[b]), float("-inf")) for r in ranked]  # neither padding nor protected
         flat = torch.cat([p.flatten() for p in past])
-        total = min(total, int(torch.isfinite(flat).sum()))
-        winners = flat.topk(total).indices
-        offsets = torch.tensor([0] + [p.numel() for p in past]).cumsum(0)
-        for layer, (p, start) in enumerate(zip(past, offsets[:-1].tolist())):
+        total = sum(heads * int(t[b]) - int(p.sum()) for t, p in zip(targets, protected))
+        winners = flat.topk(max(0, min(total, int(torch.isfinite(flat).sum())))).indices
+        start = 0
+        for layer, p in enumerate(past):
             mine = winners[(winners >= start) & (winners < start + p.numel())] - start
             won = torch.bincount(mine // p.shape[1], minlength=heads)
-            in_window = torch.minimum(counts[layer][b], torch.full_like(won, windows[layer]))
-            counts[layer][b] = torch.minimum(won + in_window, counts[layer][b])
+            counts[layer][b] = torch.minimum(won + protected[layer], counts[layer][b])
+            start += p.numel()
     return counts
 
 

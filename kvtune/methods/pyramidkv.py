@@ -4,7 +4,7 @@ import torch
 
 from kvtune.attention import LayerContext
 from kvtune.methods.registry import register
-from kvtune.methods.snapkv import HEADS, KERNEL, POOLING, SnapKV
+from kvtune.methods.snapkv import KERNEL, POOLING, SnapKV
 
 
 def pyramid_targets(
@@ -36,7 +36,7 @@ class PyramidKV(SnapKV):
         window: int = 32,
         kernel: int = KERNEL,
         pooling: str = POOLING,
-        heads: str = HEADS,
+        heads: str = "group",
         beta: int = 20,
     ) -> None:
         super().__init__(budget, ratio, window, kernel, pooling, heads)

@@ -268,24 +268,29 @@ def _plot(means: dict[tuple, dict], ratios: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({t for t, _, _ in means})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    methods = sorted({m for _, m, _ in means}, key=lambda m: (m.startswith("kvpress:"), m))
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}  # one colour per method everywhere
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks) + 2.5, 4.5), squeeze=False)
+    handles = {}
     for ax, task in zip(axes[0], tasks):
-        for method in sorted({m for t, m, _ in means if t == task}):
+        for method in [m for m in methods if any(t == task and mm == m for t, mm, _ in means)]:
             if method.endswith("full"):
                 level = (means.get((task, method, 0.0)) or {}).get("answer_nll")
                 if level is not None:
-                    ax.axhline(level, color="black", linestyle="--", label=method)
+                    handles[method] = ax.axhline(level, color="black", linestyle="--" if ":" in method else ":")
                 continue
             points = [(r, means[task, method, r]["answer_nll"]) for r in ratios if (task, method, r) in means]
             style = "--" if method.startswith("kvpress:") else "-"
-            ax.plot([r for r, _ in points], [y for _, y in points], style, marker="o", label=method)
+            (line,) = ax.plot([r for r, _ in points], [y for _, y in points], style, marker="o", color=colours[method])
+            handles[method] = line
         ax.set_title(task)
         ax.set_xlabel("compression ratio (fraction of entries removed)")
         ax.set_ylabel("answer NLL (lower is better)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    labels = [m for m in methods if m in handles]
+    fig.legend([handles[m] for m in labels], labels, fontsize=7, loc="center right")
+    fig.subplots_adjust(right=0.82)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

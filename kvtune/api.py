@@ -35,12 +35,38 @@ def cache_kwargs(model: PreTrainedModel, cache: Cache | None) -> dict[str, Cache
     return {_cache_keyword(type(base)): cache}
 
 
+def _after_prefill(model: PreTrainedModel, args: tuple, kwargs: dict, output: object) -> None:
+    """Forward hook: after a multi-token forward into a compressing cache, the policy's model-level pass."""
+    cache = next((kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None), None)
+    if not isinstance(cache, KVCache) or cache.policy is None or not cache.prefilling:
+        return
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None or input_ids.shape[1] < 2:
+        return
+    hook = getattr(cache.policy, "after_prefill", None)
+    if hook is not None:
+        mask = kwargs.get("attention_mask")
+        hook(model, cache, input_ids, mask if mask is not None else torch.ones_like(input_ids))
+
+
+def use_after_prefill(model: PreTrainedModel) -> None:
+    """Make every prefill forward of ``model`` end with its cache policy's `Policy.after_prefill` (idempotent).
+
+    This is the one place model-level passes run (KVzip's reconstruction), whoever drives the forward:
+    `kvtune.generate`, `kvtune.prefill`, `kvtune.compress` around `model.generate`, the eval runner, `kvtune bench`.
+    """
+    if not getattr(model, "_kvtune_after_prefill", False):
+        model.register_forward_hook(_after_prefill, with_kwargs=True)
+        model._kvtune_after_prefill = True
+
+
 def new_cache(model: PreTrainedModel, policy: Policy | None = None) -> KVCache:
     """An empty kvtune cache for ``model``, compressed by ``policy`` (None: append only).
 
     ``made_by`` records the method, budget and ratio and the model's fingerprint (`KVCache.save` writes it).
     """
     use_kvtune_attention(model)
+    use_after_prefill(model)
     cache = KVCache(model.config.get_text_config().num_hidden_layers, policy)
     inner = getattr(policy, "inner", None)
     name = "full" if policy is None else getattr(policy, "name", type(policy).__name__)  # recorders have none
@@ -68,6 +94,7 @@ def compress(
     """
     policy = build(method, budget=budget, ratio=ratio, **kwargs)
     use_kvtune_attention(model)
+    use_after_prefill(model)
     caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
 
     def attach(module, args, call_kwargs):

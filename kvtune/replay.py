@@ -57,6 +57,8 @@ class RecordedPrefill:
         keep_queries: int | None = None,
     ) -> None:
         recorder = _QueryRecorder(keep_queries)
+        self.model, self.input_ids = model, input_ids
+        self.shared: dict = {}  # what methods compute once per recording for every budget (kvzip's scores)
         self.cache = new_cache(model, recorder)
         self.logits, self.mask = prefill(model, self.cache, input_ids, attention_mask)
         self.cache.policy, self.cache.prefilling = None, False
@@ -101,5 +103,7 @@ class RecordedPrefill:
                     positions=view.positions,
                 )
             )
+        cache.policy_state["recording"] = self.shared
+        policy.after_prefill(self.model, cache, self.input_ids, self.mask)
         cache.prefilling = False  # what follows (question, scored text, decoding) is appended, not re-compressed
         return cache

@@ -77,7 +77,7 @@ def _assert_top_plus_window(kept, scores, keep, window, n=N):
 
 def test_snapkv(budget=40, window=32):
     ctx = _context()
-    build("snapkv", budget=budget).on_prefill(ctx)
+    build("snapkv", budget=budget, heads="group").on_prefill(ctx)
     votes = _snap_votes(ctx, window)
     for (b, h), kept in _kept(ctx).items():
         _assert_top_plus_window(kept, votes[b, h], budget, window)

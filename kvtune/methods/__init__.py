@@ -5,12 +5,14 @@ from kvtune.methods import (  # noqa: F401  (importing registers them)
     full,
     h2o,
     kvmerger,
+    kvzip,
     lighttransfer,
     lococo,
     pyramidkv,
     random_eviction,
     snapkv,
     streaming_llm,
+    tova,
 )
 from kvtune.methods.base import Policy
 from kvtune.methods.registry import available, build, training_free

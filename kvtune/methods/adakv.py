@@ -32,11 +32,35 @@ def adaptive_head_budgets(past_scores: torch.Tensor, base: int, alpha: float) ->
     return torch.minimum(budgets, available)
 
 
-class _AdaKV:
-    """Mixin over a SnapKV-style policy: replaces uniform per-head counts with adaptive ones."""
+def adaptive_counts(
+    scores: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, window: int, alpha: float
+) -> torch.Tensor:
+    """Ada-KV's per-head counts ``[B, H_kv]``: the window plus each head's adaptive share of the past.
 
-    def __init__(self, *args, floor_alpha: float = 0.2, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    ``scores`` and ``valid`` are ``[B, H_kv, L]`` in the dense view; the last ``window`` valid entries of each head
+    are kept whatever their score. Samples already within ``target`` keep everything.
+    """
+    lengths = valid.sum(dim=-1)
+    in_window = ranks(valid) >= lengths[..., None] - window
+    past = scores.masked_fill(in_window | ~valid, float("-inf"))
+    counts = torch.empty_like(lengths)
+    for b in range(lengths.shape[0]):
+        base = int(target[b]) - window
+        if base <= 0 or bool((lengths[b] <= target[b]).all()):
+            counts[b] = torch.minimum(lengths[b], target[b])
+            continue
+        counts[b] = adaptive_head_budgets(past[b], base, alpha) + window
+    return torch.minimum(counts, lengths)
+
+
+class _AdaKV:
+    """Mixin over any policy with ``scores(ctx, window)`` (window +inf, invalid -inf): replaces uniform per-head
+    counts with Ada-KV's adaptive ones."""
+
+    def __init__(self, *args, floor_alpha: float = 0.2, heads: str = "group", **kwargs) -> None:
+        if heads != "group":
+            raise ValueError(f"Ada-KV allocates between heads and needs per-head scores (heads='group'), got '{heads}'")
+        super().__init__(*args, heads=heads, **kwargs)
         if not 0.0 <= floor_alpha <= 1.0:
             raise ValueError(f"floor_alpha must lie in [0, 1], got {floor_alpha}")
         self.floor_alpha = floor_alpha
@@ -44,17 +68,7 @@ class _AdaKV:
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
         window = self.window_size(target)
         scores = self.scores(ctx, window)
-        valid = full_valid(ctx)
-        in_window = ranks(valid) >= lengths[..., None] - window
-        past = scores.masked_fill(in_window, float("-inf"))
-        counts = torch.empty_like(lengths)
-        for b in range(lengths.shape[0]):
-            base = int(target[b]) - window
-            if base <= 0 or bool((lengths[b] <= target[b]).all()):
-                counts[b] = torch.minimum(lengths[b], target[b])
-                continue
-            counts[b] = adaptive_head_budgets(past[b], base, self.floor_alpha) + window
-        return keep_top(scores, torch.minimum(counts, lengths))
+        return keep_top(scores, adaptive_counts(scores, full_valid(ctx), target, window, self.floor_alpha))
 
 
 @register("adakv_snapkv")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtune.attention import LayerContext, allowed_mask
-from kvtune.cache import DenseView, Selection
+from kvtune.cache import DenseView, KVCache, Selection
 from kvtune.validation import UserError, check_budget, check_ratio
 
 
@@ -70,6 +70,12 @@ class Policy:
         """Called for every single-token step. Evicting methods keep the cache from growing past its budget."""
         if self.evicts_during_decoding:
             evict_to(self, ctx, self.decode_target(valid_lengths(ctx)))
+
+    def after_prefill(
+        self, model: torch.nn.Module, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        """Called once every layer has seen a prefill forward (``input_ids`` and the full ``attention_mask`` so far),
+        with the model: for methods that score with extra forward passes (`kvzip`). Default: nothing."""
 
     def decode_target(self, lengths: torch.Tensor) -> torch.Tensor:
         """Size to hold while decoding: the budget, or the current size once it is larger (a question appended
@@ -184,9 +190,17 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
-def snapkv_scores(ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max") -> torch.Tensor:
-    """SnapKV's score per KV head: window attention averaged over queries and the GQA group, then pooled."""
-    scores = group_reduce(window_attention(ctx, window).mean(dim=2), ctx.group_size)
+def snapkv_scores(
+    ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max", heads: str = "group"
+) -> torch.Tensor:
+    """SnapKV's score per KV head: window attention averaged over queries and the GQA group (``heads="group"``) or
+    over every head of the layer (``"layer"``: the same score, hence the same selection, for every KV head), then
+    pooled."""
+    received = window_attention(ctx, window).mean(dim=2)
+    if heads == "layer":
+        scores = received.mean(dim=1, keepdim=True).repeat(1, ctx.keys.shape[1], 1)
+    else:
+        scores = group_reduce(received, ctx.group_size)
     scores[..., -window:] = 0.0  # as in SnapKV, the window's own votes do not spill into the past when pooling
     if kernel > 1:
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d

@@ -13,6 +13,7 @@ The lazy set is chosen once per cache and per batch, on the first prefill longer
 
 ``plan=PATH`` (a `kvtune calibrate` layer plan) fixes the lazy set instead of deciding online; its sinks and window
 become the defaults (``budget = sinks + window - 1``: what a sliding layer of window ``window`` keeps between steps).
+``window`` is handed to the inner method only when given, so that each inner method keeps its own default.
 """
 
 import heapq
@@ -35,7 +36,7 @@ class LightTransfer(Policy):
         self,
         budget=None,
         ratio=None,
-        window: int = 32,
+        window: int | None = None,
         lazy_fraction: float = 0.5,
         sinks: int | None = None,
         last_queries: int = 32,
@@ -49,12 +50,14 @@ class LightTransfer(Policy):
             if budget is None and ratio is None:
                 budget = sinks + self.plan.window - 1
         sinks = 4 if sinks is None else sinks
-        super().__init__(budget, ratio, window)
+        super().__init__(budget, ratio, 32 if window is None else window)
         if not 0.0 <= lazy_fraction <= 1.0:
             raise ValueError(f"lazy_fraction must lie in [0, 1], got {lazy_fraction}")
         self.lazy_fraction, self.last_queries = lazy_fraction, last_queries
-        self.streaming = StreamingLLM(budget, ratio, window, sinks=sinks)
-        self.inner = build(inner, budget=budget, ratio=ratio, window=window, **inner_kwargs) if inner else None
+        self.streaming = StreamingLLM(budget, ratio, sinks=sinks)
+        if window is not None:  # else the inner method keeps its own default (TOVA's is 1 query, SnapKV's 32)
+            inner_kwargs["window"] = window
+        self.inner = build(inner, budget=budget, ratio=ratio, **inner_kwargs) if inner else None
         self.needs_column_scores = bool(self.inner and self.inner.needs_column_scores)
 
     def queries_needed(self) -> int:

@@ -4,7 +4,7 @@ import torch
 
 from kvtune.attention import LayerContext
 from kvtune.methods.registry import register
-from kvtune.methods.snapkv import SnapKV
+from kvtune.methods.snapkv import KERNEL, POOLING, SnapKV
 
 
 def pyramid_targets(
@@ -30,9 +30,16 @@ def pyramid_targets(
 @register("pyramidkv")
 class PyramidKV(SnapKV):
     def __init__(
-        self, budget=None, ratio=None, window: int = 32, kernel: int = 7, pooling: str = "max", beta: int = 20
+        self,
+        budget=None,
+        ratio=None,
+        window: int = 32,
+        kernel: int = KERNEL,
+        pooling: str = POOLING,
+        heads: str = "group",
+        beta: int = 20,
     ) -> None:
-        super().__init__(budget, ratio, window, kernel, pooling)
+        super().__init__(budget, ratio, window, kernel, pooling, heads)
         self.beta = beta
 
     def layer_target(self, ctx: LayerContext, lengths: torch.Tensor) -> torch.Tensor:

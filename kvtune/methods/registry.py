@@ -22,7 +22,14 @@ def available() -> list[str]:
     """Names accepted by `build`, composable ones included as ``router+method``."""
     names = sorted(_REGISTRY)
     routers = [n for n in names if getattr(_REGISTRY[n], "composes", False)]
-    inner = [n for n in names if n not in routers and n != "full" and not getattr(_REGISTRY[n], "needs_adapter", False)]
+    inner = [
+        n
+        for n in names
+        if n not in routers
+        and n != "full"
+        and not getattr(_REGISTRY[n], "needs_adapter", False)
+        and getattr(_REGISTRY[n], "composable", True)
+    ]
     return names + [f"{r}+{m}" for r in routers for m in inner]
 
 
@@ -33,6 +40,8 @@ def check_name(method: str) -> None:
         raise UserError(f"unknown method '{method}'; valid names: {', '.join(available())}")
     if rest and not getattr(_REGISTRY[head], "composes", False):
         raise UserError(f"'{head}' does not take an inner method; composable: {', '.join(available())}")
+    if rest and not getattr(_REGISTRY[rest], "composable", True):
+        raise UserError(f"'{rest}' cannot run inside '{head}'; composable: {', '.join(available())}")
 
 
 def build(method: str, prefill_chunk: int | None = None, **kwargs):

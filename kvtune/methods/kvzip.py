@@ -1,0 +1,257 @@
+"""`kvzip`: query-agnostic eviction scored by context reconstruction (after KVzip, Kim et al., 2025,
+"KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction").
+
+After the prefill, the model is asked to repeat its context: a "repeat the previous context" prompt followed by
+the context itself, teacher-forced, attending to the prefilled cache. An entry the model needs to reconstruct the
+context is an entry some later question may need, so each cached entry is scored by the **maximum** attention it
+receives from the reconstruction queries (per KV head: the maximum over its GQA query group as well). The
+reconstruction runs chunk by chunk (``chunk`` context tokens after the prompt each time), each chunk on a fresh copy
+of the prefilled cache, so peak memory stays at about two caches plus one chunk's attention. Each KV head of each
+layer then keeps its top entries, how many being decided by a flattened top-k (see Allocation below), so heads and
+layers are ragged and memory is really freed. The scores cost one extra forward over the context (plus the prompt
+per chunk) on top of the prefill (`time_reconstruction` measures it).
+
+Differences from the paper and from kvpress's `KVzipPress`, all deliberate:
+
+* **Allocation.** As in the paper, one ranking over every layer's and head's entries decides what stays
+  (``layerwise=False``, the default): the cache holds the budget summed over layers, split between layers and heads
+  by the scores. ``layerwise=True`` gives every layer its own budget and ranks across that layer's heads only
+  (Ada-KV's allocation, with its ``floor_alpha``), like kvtune's other methods.
+* **Prompt.** A raw-text prompt (``REPEAT_PROMPT``) rather than the paper's chat-templated system and user turns;
+  kvtune evaluates raw-text prompts by default. It is tokenised with the tokenizer saved next to the model
+  (``model.config._name_or_path``), or given as token ids (``prompt=[...]``).
+* **Every chunk repeats the prompt** (chunks are cut from the right, so that a left-padded row of a batch is
+  chunked exactly as it would be alone) and attends to the whole prefilled context (not to earlier reconstruction
+  chunks); every query of the pass votes (the prompt's too, as in kvpress's port of the authors' code), padding
+  queries of a batch excepted.
+* **Always kept:** the first ``sinks`` entries (4, as kvpress's port does) and a recent window (``window``, default
+  1: the last entry, so the next token's query has its predecessor; a question-aware run sets it to the question's
+  length, so the question is kept whole). Both count against the budget.
+* **Chunked prefill** (``prefill_chunk``): the pass runs after every chunk over all context seen so far, on what
+  earlier chunks left; the paper scores the whole context once.
+* No softmax-normalisation tweaks, no KVzip+ head scores; scores are in fp32.
+
+Replays (`kvtune.replay`) share one set of scores between every budget of the same recorded prefill.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from functools import cache
+
+import torch
+from transformers import AutoTokenizer
+
+from kvtune.attention import LayerContext, allowed_mask
+from kvtune.cache import KVCache
+from kvtune.methods.adakv import adaptive_counts
+from kvtune.methods.base import Policy, keep_top, protect_sinks, window_then_past
+from kvtune.methods.registry import register
+
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+QUERY_BLOCK = 256  # reconstruction queries per block of materialised probabilities
+
+
+class _MaxAttention:
+    """The reconstruction pass's policy: records, per layer, the largest attention each entry held before the pass
+    receives from the last ``counted`` queries. It compresses nothing."""
+
+    needs_column_scores = False
+
+    def __init__(self, counted: int) -> None:
+        self.counted = counted
+        self.scores: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def on_prefill(self, ctx: LayerContext) -> None:
+        new = ctx.query.shape[2]
+        held = ctx.keys.shape[2] - new
+        group = ctx.group_size
+        allowed = allowed_mask(ctx.valid, new)
+        counted_valid = ctx.valid[:, :, held:][:, :, -self.counted :]  # padding queries vote for nothing
+        keys = ctx.keys.float().repeat_interleave(group, dim=1).transpose(2, 3)
+        best = ctx.keys.new_zeros(ctx.keys.shape[0], ctx.keys.shape[1], held, dtype=torch.float32)
+        first = new - self.counted
+        for start in range(first, new, QUERY_BLOCK):
+            block = slice(start, min(start + QUERY_BLOCK, new))
+            logits = torch.matmul(ctx.query[:, :, block].float(), keys) * ctx.scaling
+            block_allowed = allowed[:, :, block]
+            if block_allowed.shape[1] > 1:
+                block_allowed = block_allowed.repeat_interleave(group, dim=1)
+            probs = logits.masked_fill(~block_allowed, float("-inf")).softmax(dim=-1)[..., :held]
+            voting = counted_valid[:, :, block.start - first : block.stop - first]
+            if voting.shape[1] > 1:
+                voting = voting.repeat_interleave(group, dim=1)
+            probs = probs * voting[..., None]
+            best = torch.maximum(best, probs.amax(dim=2).unflatten(1, (-1, group)).amax(dim=2))
+        previous = self.scores.get(ctx.layer_idx)
+        self.scores[ctx.layer_idx] = best if previous is None else torch.maximum(previous, best)
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        return None
+
+
+@cache
+def _tokenizer(source: str):
+    return AutoTokenizer.from_pretrained(source)
+
+
+def prompt_ids(model: torch.nn.Module, prompt: str | list[int]) -> list[int]:
+    """The reconstruction prompt as token ids (a string is tokenised with the model's saved tokenizer)."""
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    source = getattr(model.config, "_name_or_path", "")
+    if not source:
+        raise ValueError("kvzip tokenises its prompt with the model's saved tokenizer; pass prompt=[token ids]")
+    return _tokenizer(source)(prompt, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def reconstruction_scores(
+    model: torch.nn.Module,
+    cache: KVCache,
+    context_ids: torch.Tensor,
+    context_mask: torch.Tensor,
+    prompt: list[int],
+    chunk: int,
+) -> list[torch.Tensor]:
+    """Per layer ``[B, H_kv, L]`` (L: the layer's dense width now): the max attention each entry receives while the
+    model repeats ``context_ids`` after ``prompt``, chunk by chunk, each chunk on a copy of ``cache``."""
+    from kvtune.api import prefill  # the api imports the methods package
+
+    batch = context_ids.shape[0]
+    prompt_block = torch.tensor([prompt] * batch, dtype=context_ids.dtype, device=context_ids.device)
+    policy, cache.policy = cache.policy, None  # copies must not carry (and re-run) this policy
+    try:
+        scores: list[torch.Tensor] | None = None
+        for end in range(context_ids.shape[1], 0, -chunk):  # from the right: a left-padded row chunks as alone
+            start = max(0, end - chunk)
+            piece = context_ids[:, start:end]
+            scorer = _MaxAttention(counted=prompt_block.shape[1] + piece.shape[1])
+            scratch = copy.deepcopy(cache)
+            scratch.policy, scratch.prefilling = scorer, True
+            ids = torch.cat([prompt_block, piece], dim=1)
+            mask = torch.cat([torch.ones_like(prompt_block), context_mask[:, start:end]], dim=1)
+            prefill(model, scratch, ids, mask, past_mask=context_mask)
+            del scratch
+            layer_scores = [scorer.scores[i] for i in range(len(cache.layers))]
+            scores = layer_scores if scores is None else [torch.maximum(a, b) for a, b in zip(scores, layer_scores)]
+    finally:
+        cache.policy = policy
+    return scores
+
+
+@register("kvzip")
+class KVzip(Policy):
+    composable = False  # its selection runs after the prefill, not inside a router's layer calls
+
+    def __init__(
+        self,
+        budget=None,
+        ratio=None,
+        window: int = 1,
+        floor_alpha: float = 0.0,
+        chunk: int = 2048,
+        prompt: str | list[int] = REPEAT_PROMPT,
+        layerwise: bool = False,
+        sinks: int = 4,
+    ) -> None:
+        super().__init__(budget, ratio, window)
+        if not 0.0 <= floor_alpha <= 1.0:
+            raise ValueError(f"floor_alpha must lie in [0, 1], got {floor_alpha}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 token, got {chunk}")
+        if not prompt:
+            raise ValueError("kvzip needs a non-empty reconstruction prompt")
+        if sinks < 0:
+            raise ValueError(f"sinks must be at least 0, got {sinks}")
+        self.floor_alpha, self.chunk, self.layerwise, self.sinks = floor_alpha, chunk, layerwise, sinks
+        self.prompt = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    def on_prefill(self, ctx: LayerContext) -> None:
+        """Nothing per layer: the scores need the whole prefilled cache (see `after_prefill`)."""
+
+    def after_prefill(self, model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        state = cache.policy_state
+        first = "kvzip_ids" not in state
+        new_mask = attention_mask[:, -input_ids.shape[1] :].to(input_ids.device)
+        if first:
+            state["kvzip_ids"], state["kvzip_mask"] = input_ids.cpu(), new_mask.cpu()
+        else:
+            state["kvzip_ids"] = torch.cat([state["kvzip_ids"], input_ids.cpu()], dim=1)
+            state["kvzip_mask"] = torch.cat([state["kvzip_mask"], new_mask.cpu()], dim=1)
+        lengths = cache.lengths()
+        targets = [self.target(held) for held in lengths]
+        if all(bool((held <= target[:, None]).all()) for held, target in zip(lengths, targets)):
+            return
+        shared = state.get("recording") if first else None  # a replay shares scores between budgets
+        key = ("kvzip", tuple(prompt_ids(model, self.prompt)), self.chunk)
+        if shared is not None and key in shared:
+            scores = shared[key]
+        else:
+            ids, mask = state["kvzip_ids"].to(model.device), state["kvzip_mask"].to(model.device)
+            scores = reconstruction_scores(model, cache, ids, mask, list(key[1]), self.chunk)
+            if shared is not None:
+                shared[key] = scores
+        views = [layer.dense() for layer in cache.layers]
+        if any(view.keys.shape[2] != layer_scores.shape[-1] for view, layer_scores in zip(views, scores)):
+            raise RuntimeError("kvzip: the reconstruction pass did not see the layers' entries where they are")
+        valids = [view.valid.expand(view.keys.shape[0], view.keys.shape[1], -1) for view in views]
+        windows = [self.window_size(target) for target in targets]
+        ranked = [protect_sinks(window_then_past(s, v, w), v, self.sinks) for s, v, w in zip(scores, valids, windows)]
+        if self.layerwise:
+            counts = [
+                adaptive_counts(r, v, t, w, self.floor_alpha) for r, v, t, w in zip(ranked, valids, targets, windows)
+            ]
+        else:
+            counts = global_counts(ranked, valids, targets)
+        for layer, view, layer_ranked, layer_counts, held in zip(cache.layers, views, ranked, counts, lengths):
+            if not torch.equal(layer_counts, held):
+                layer.compact(keep_top(layer_ranked, layer_counts), view)
+
+
+def global_counts(
+    ranked: list[torch.Tensor], valids: list[torch.Tensor], targets: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per layer ``[B, H_kv]`` counts from one ranking of every layer's and head's entries (KVzip's global
+    selection): the layers' summed budget is kept, protected (+inf) entries included, and the split between layers
+    and heads follows the scores."""
+    counts = [valid.sum(dim=-1) for valid in valids]
+    heads = ranked[0].shape[1]
+    for b in range(ranked[0].shape[0]):
+        if all(int(c[b].max()) <= int(t[b]) for c, t in zip(counts, targets)):
+            continue
+        protected = [torch.isposinf(r[b]).sum(dim=-1) for r in ranked]
+        past = [r[b].masked_fill(torch.isinf(r[b]), float("-inf")) for r in ranked]  # neither padding nor protected
+        flat = torch.cat([p.flatten() for p in past])
+        total = sum(heads * int(t[b]) - int(p.sum()) for t, p in zip(targets, protected))
+        winners = flat.topk(max(0, min(total, int(torch.isfinite(flat).sum())))).indices
+        start = 0
+        for layer, p in enumerate(past):
+            mine = winners[(winners >= start) & (winners < start + p.numel())] - start
+            won = torch.bincount(mine // p.shape[1], minlength=heads)
+            counts[layer][b] = torch.minimum(won + protected[layer], counts[layer][b])
+            start += p.numel()
+    return counts
+
+
+@torch.no_grad()
+def time_reconstruction(model, input_ids: torch.Tensor, budget: int, **kwargs) -> dict[str, float]:
+    """Seconds of a plain prefill of ``input_ids`` and of kvzip's reconstruction scoring after it (for `kvtune bench`).
+
+    Timings on a shared CPU are noisy; the ratio is what to read.
+    """
+    from kvtune.api import new_cache, prefill
+
+    policy = KVzip(budget=budget, **kwargs)
+    cache = new_cache(model)
+    mask = torch.ones_like(input_ids)
+    start = time.perf_counter()
+    prefill(model, cache, input_ids, mask)
+    prefill_s = time.perf_counter() - start
+    ids = prompt_ids(model, policy.prompt)
+    start = time.perf_counter()
+    reconstruction_scores(model, cache, input_ids, mask, ids, policy.chunk)
+    scoring_s = time.perf_counter() - start
+    return {"prefill_s": prefill_s, "reconstruction_s": scoring_s, "ratio": scoring_s / prefill_s}

@@ -24,6 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvtune.cache import AttentionCall, KVCache, RaggedLayer
+from kvtune.kernels import AttendFn, best_backend
 
 BACKEND = "kvtune"
 SUPPORTED_BASES = ("sdpa", "eager")
@@ -60,10 +61,10 @@ def _pass_through_mask(attention_mask: torch.Tensor | None = None, **_) -> torch
 
 
 def allowed_mask(valid: torch.Tensor, query_length: int, rows: int | None = None) -> torch.Tensor:
-    """``[B, Hm, rows, L]`` bool for the last ``rows`` (default: all) of ``query_length`` queries: a query sees valid
-    keys up to its own position, and always its own key (no empty row)."""
+    """``[B, Hm, rows, L]`` bool for the last ``rows`` (default and at most: all) of ``query_length`` queries: a query
+    sees valid keys up to its own position, and always its own key (no empty row)."""
     length = valid.shape[-1]
-    rows = query_length if rows is None else rows
+    rows = query_length if rows is None else min(rows, query_length)
     own = torch.arange(query_length - rows, query_length, device=valid.device)[:, None] + (length - query_length)
     cols = torch.arange(length, device=valid.device)[None, :]
     return (valid[:, :, None, :] & (cols <= own)) | (cols == own)
@@ -72,6 +73,14 @@ def allowed_mask(valid: torch.Tensor, query_length: int, rows: int | None = None
 def _grouped(query: torch.Tensor, heads_kv: int) -> torch.Tensor:
     """``[B, H, q, d]`` -> ``[B, H_kv, group, q, d]`` (a view): GQA without repeating keys or masks."""
     return query.unflatten(1, (heads_kv, -1))
+
+
+def kernel_for(query: torch.Tensor, valid: torch.Tensor | None) -> AttendFn | None:
+    """The GPU kernel for a layer call (`kvtune.kernels.best_backend`: FlashAttention or torch varlen for ragged
+    layers, SDPA without a mask for rectangular ones), or None on CPU, where `attend`'s SDPA path is the reference."""
+    if not query.is_cuda:
+        return None
+    return best_backend(query.device, query.dtype, ragged=valid is not None, head_dim=query.shape[-1])
 
 
 def attend(
@@ -87,6 +96,9 @@ def attend(
     ``valid`` (``[B, H_kv or 1, L]``) marks real entries; None means all are (no mask at all). A rectangular layer
     gets exactly the SDPA call transformers' own ``sdpa`` backend makes, so its outputs are bit-identical to stock.
     """
+    kernel = kernel_for(query, valid)
+    if kernel is not None:
+        return kernel(query, keys, values, valid, scaling, causal=causal)
     q_len, length = query.shape[2], keys.shape[2]
     group = query.shape[1] // keys.shape[1]
     if valid is None and (q_len == 1 or q_len == length or not causal):

@@ -292,16 +292,13 @@ def test_kvtune_layouts_through_the_varlen_packing(monkeypatch):
     """kvtune's own layouts (chunked prefill of a padded batch, Ada-KV heads, a left-padded question appended after
     compression, decode) give the same logits and answers through the varlen packing as through the masked path.
 
-    Active once `kvtune.attention` picks its kernel with `best_backend` (the wiring described in notes/gpu.md)."""
+    `kvtune.attention.kernel_for` is made to pick the varlen backend (with a CPU reference kernel) for ragged calls."""
     from conftest import tiny_llama
 
     import kvtune.attention
     from kvtune.api import append_tails, greedy, new_cache, prefill
     from kvtune.methods import build
 
-    if not hasattr(kvtune.attention, "best_backend"):
-        pytest.skip("kvtune.attention does not call kvtune.kernels.best_backend yet")
-    choose = kvtune.attention.best_backend
     model = tiny_llama()
     ids = torch.randint(1, 97, (3, 60), generator=torch.Generator().manual_seed(1))
     mask = (torch.arange(60) >= torch.tensor([[0], [19], [7]])).long()
@@ -309,10 +306,10 @@ def test_kvtune_layouts_through_the_varlen_packing(monkeypatch):
     def answer(method, varlen):
         kernel = ReferenceKernel(True)
 
-        def backend(device, dtype, ragged, *args, **kwargs):
-            return VarlenBackend(kernel) if ragged and varlen else choose(device, dtype, ragged, *args, **kwargs)
+        def kernel_for(query, valid):  # what a CUDA device would pick for ragged layers, on CPU
+            return VarlenBackend(kernel) if valid is not None and varlen else None
 
-        monkeypatch.setattr(kvtune.attention, "best_backend", backend)
+        monkeypatch.setattr(kvtune.attention, "kernel_for", kernel_for)
         cache = new_cache(model, build(method, budget=16))
         with torch.no_grad():
             logits, seen = prefill(model, cache, ids, mask, chunk=24)

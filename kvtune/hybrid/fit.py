@@ -10,13 +10,10 @@ read back.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,7 +26,7 @@ from kvtune.hybrid.plan import LayerPlan
 from kvtune.models import load_model
 from kvtune.train.data import TextDataModule
 from kvtune.train.deepspeed import save_adapter, zero_stage_3
-from kvtune.train.fit import _recipe_name, resume_path
+from kvtune.train.fit import build_trainer, write_run_record
 
 
 def training_plan(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LayerPlan:
@@ -99,25 +96,12 @@ def fit_hybrid(
         warmup_steps=cfg.lighttransfer.warmup_steps,
         gradient_checkpointing=cfg.optim.gradient_checkpointing,
     )
-    checkpoints = output_dir / "checkpoints"
-    ckpt_path = resume_path(checkpoints, cfg.ckpt_path)
-    callbacks = [
-        ModelCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=cfg.checkpoint_every),
-        OnExceptionCheckpoint(dirpath=checkpoints, filename="interrupted"),
-        *(callbacks or []),
-    ]
-    logger = instantiate(cfg.logger) if cfg.logger is not None else False
-    strategy = instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
-    trainer = pl.Trainer(
-        default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
-    )
+    trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
     if trainer.is_global_zero:
         plan.save(output_dir / PLAN_FILE)
         plan.save(output_dir / "adapter" / PLAN_FILE)  # the adapter folder is self-contained: `load_hybrid` reads both
-        record = {**OmegaConf.to_container(cfg, resolve=True), "recipe": _recipe_name()}
-        (output_dir / "fit_config.json").write_text(json.dumps(record, indent=2))
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_run_record(cfg, output_dir, metrics)
     return metrics

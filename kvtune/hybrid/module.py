@@ -16,8 +16,10 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from kvtune.train.module import AdapterCheckpoints, warmup_then_decay
 
-class HybridLM(LightningModule):
+
+class HybridLM(AdapterCheckpoints, LightningModule):
     """Frozen base model with LoRA, its lazy layers streaming; next-token loss over full sequences."""
 
     def __init__(
@@ -71,18 +73,4 @@ class HybridLM(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
-
-        def schedule(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            return max(0.0, 1.0 - step / self.max_steps)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state()
+        return {"optimizer": optimizer, "lr_scheduler": warmup_then_decay(optimizer, self.warmup_steps, self.max_steps)}

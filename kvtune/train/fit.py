@@ -114,6 +114,25 @@ def fit(
         warmup_steps=cfg.optim.warmup_steps,
         lr_blend=cfg.optim.lr_blend,
     )
+    trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
+    # the untrained compressor: the validation curve's step 0 (one process only: a multi-process strategy would
+    # launch its ranks here, before fit; not in a fast_dev_run smoke check)
+    first_curve_point = ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0
+    if first_curve_point and trainer.world_size == 1 and not trainer.fast_dev_run:
+        trainer.validate(module, datamodule=data, verbose=False)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
+    if trainer.is_global_zero:
+        write_run_record(cfg, output_dir, metrics)
+    return metrics
+
+
+def build_trainer(
+    cfg: DictConfig, output_dir: Path, trainer_kwargs: dict[str, Any], callbacks: list[pl.Callback] | None = None
+) -> tuple[pl.Trainer, str | None]:
+    """The Lightning trainer every kvtune run uses (checkpoints every ``checkpoint_every`` steps and on
+    interruption, the configured logger and strategy), and the checkpoint to resume from."""
     checkpoints = output_dir / "checkpoints"
     ckpt_path = resume_path(checkpoints, cfg.ckpt_path)
     callbacks = [
@@ -127,19 +146,14 @@ def fit(
     trainer = pl.Trainer(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
-    # the untrained compressor: the validation curve's step 0 (one process only: a multi-process strategy would
-    # launch its ranks here, before fit; not in a fast_dev_run smoke check)
-    first_curve_point = ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0
-    if first_curve_point and trainer.world_size == 1 and not trainer.fast_dev_run:
-        trainer.validate(module, datamodule=data, verbose=False)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
-    if trainer.is_global_zero:
-        record = {**OmegaConf.to_container(cfg, resolve=True), "recipe": _recipe_name()}
-        (output_dir / "fit_config.json").write_text(json.dumps(record, indent=2))
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return trainer, ckpt_path
+
+
+def write_run_record(cfg: DictConfig, output_dir: Path, metrics: dict[str, float]) -> None:
+    """The resolved config (with the recipe's name) and the final metrics, beside the adapter."""
+    record = {**OmegaConf.to_container(cfg, resolve=True), "recipe": _recipe_name()}
+    (output_dir / "fit_config.json").write_text(json.dumps(record, indent=2))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def resume_path(checkpoints: Path, ckpt_path: str | None) -> str | None:

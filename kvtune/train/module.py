@@ -137,7 +137,30 @@ def chunked_losses(
     return losses
 
 
-class ChunkedLM(LightningModule):
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at step ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class AdapterCheckpoints:
+    """Mixin for kvtune's Lightning modules: checkpoints hold the trainable tensors only (the base stays frozen)."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name: what checkpoints and exports hold."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state()
+
+
+class ChunkedLM(AdapterCheckpoints, LightningModule):
     """Frozen base model plus trainable adapters, trained and validated with chunked compression."""
 
     def __init__(
@@ -245,20 +268,4 @@ class ChunkedLM(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the paper's groups; linear warm-up over ``warmup_steps``, then linear decay to 0."""
         optimizer = torch.optim.AdamW(parameter_groups(self.model, *self.rates), weight_decay=0.0)
-        warmup, total = self.warmup_steps, self.max_steps
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors by name: what checkpoints and exports hold."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state()
+        return {"optimizer": optimizer, "lr_scheduler": warmup_then_decay(optimizer, self.warmup_steps, self.max_steps)}

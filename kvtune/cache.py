@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+POSITION_DTYPE = torch.int32  # per-entry positions: 4 bytes next to 2 x head_dim x 2-4 bytes of keys and values
 FUSED = -1  # position of a slot that fuses several tokens (LoCoCo's fused half): no single token's position
 MIN_SPARE = 32  # spare slots per segment when a buffer grows; the spare is also at least 1/8 of the segment
 LAZY_HOLES = 16  # decode-time evictions are only marked invalid until a segment holds more holes than this
@@ -104,7 +105,7 @@ class RaggedLayer(CacheLayerMixin):
         super().__init__()
         self._keys: torch.Tensor | None = None  # [S, d]
         self._values: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None  # [S] long
+        self._positions: torch.Tensor | None = None  # [S] POSITION_DTYPE
         self._valid: torch.Tensor | None = None  # [S] bool, None while every used slot is valid
         self._aux: torch.Tensor | None = None  # [S] float32, a per-entry statistic of the policy
         self._base: torch.Tensor | None = None  # [B*H] entries per segment at the last (re)build
@@ -195,7 +196,7 @@ class RaggedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self._keys = key_states.new_empty(0, key_states.shape[-1])
         self._values = value_states.new_empty(0, value_states.shape[-1])
-        self._positions = torch.empty(0, dtype=torch.long, device=self.device)
+        self._positions = torch.empty(0, dtype=POSITION_DTYPE, device=self.device)
         self._set_geometry(torch.zeros(self.batch * self.heads, dtype=torch.long, device=self.device), 0)
         self.is_initialized = True
 
@@ -218,7 +219,9 @@ class RaggedLayer(CacheLayerMixin):
     def _adopt(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, new, dim = key_states.shape
         self._keys, self._values = key_states.reshape(-1, dim), value_states.reshape(-1, value_states.shape[-1])
-        self._positions = torch.arange(new, device=self.device).repeat(batch * heads) + self.seen_tokens
+        self._positions = (
+            torch.arange(new, dtype=POSITION_DTYPE, device=self.device).repeat(batch * heads) + self.seen_tokens
+        )
         self._valid = None
         self._aux = None if self._aux is None else torch.zeros(self._keys.shape[0], device=self.device)
         self._set_geometry(torch.full((batch * heads,), new, dtype=torch.long, device=self.device), 0)
@@ -227,7 +230,7 @@ class RaggedLayer(CacheLayerMixin):
         """Write the new tokens into the spare slots of every segment (in place)."""
         new = key_states.shape[2]
         at = self._base_list[0] + self._appended if self._uniform else 0
-        positions = torch.arange(self.seen_tokens, self.seen_tokens + new, device=self.device)
+        positions = torch.arange(self.seen_tokens, self.seen_tokens + new, dtype=POSITION_DTYPE, device=self.device)
         if self._uniform:
             self._view4(self._keys)[:, :, at : at + new] = key_states
             self._view4(self._values)[:, :, at : at + new] = value_states
@@ -509,7 +512,9 @@ class RaggedLayer(CacheLayerMixin):
         else:
             positions = None
         self._keys, self._values = take(keys), take(values)
-        self._positions = positions if positions is not None else torch.full_like(self._keys[:, 0], FUSED).long()
+        if positions is None:
+            positions = torch.full_like(self._keys[:, 0], FUSED)
+        self._positions = positions.to(POSITION_DTYPE)
         self._aux = take(view.aux) if view.aux is not None else None
         valid = take(view.valid) if view.valid.shape[-1] == keys.shape[2] else None
         self._valid = None if valid is None or bool(valid.all()) else valid

@@ -83,7 +83,9 @@ def test_chunked_perplexity_compresses_between_chunks():
     ids = torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(1))
     cache = kvtune.new_cache(model, kvtune.methods.build("streaming_llm", budget=20))
     _, sizes = chunked_nll(model, cache, ids, chunk=16)
-    assert len({int(s) for s in sizes[2:]}) == 1  # a fixed-size cache once the budget is reached
+    # a bounded cache once the budget is reached: storage (spare capacity and lazily evicted slots included) stops
+    # growing with the text
+    assert max(sizes[4:]) <= max(sizes[2:4])
     assert all(n == 20 for lengths in cache.lengths() for n in lengths.flatten().tolist())
 
 

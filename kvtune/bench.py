@@ -97,7 +97,8 @@ def _timed(hook: Callable[..., None], spent: list[float]) -> Callable[..., None]
     return wrapper
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer reads what was really spent."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -131,10 +132,10 @@ def measure(
     cache = DynamicCache(config=model.config) if stock else new_cache(model, policy)
     mask = torch.ones_like(input_ids)
     with PeakMemory(device) as peak:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         logits, mask = prefill(model, cache, input_ids, mask, chunk=prefill_chunk)
-        _sync(device)
+        synchronize(device)
         prefill_seconds = time.perf_counter() - start
     if not stock:
         cache.prefilling = False
@@ -152,7 +153,7 @@ def measure(
             use_cache=True,
         )
         logits, positions = out.logits[:, -1], positions + 1
-    _sync(device)
+    synchronize(device)
     decode_seconds = time.perf_counter() - start
     batch = input_ids.shape[0]
     return {

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
-from kvtune.api import cache_kwargs, new_cache, prefill
-from kvtune.bench import PeakMemory
-from kvtune.methods import available, build
+from kvtune.bench import measure, synchronize
+from kvtune.cache import storage_bytes
+from kvtune.methods import available
 
 GIB = 2**30
 LLAMA_3_1_8B = dict(
@@ -96,23 +96,12 @@ def random_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) 
     return model.eval()
 
 
-def storage_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the storages ``tensors`` keep alive, each storage counted once (views pin their whole storage)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def cache_bytes(cache: Any) -> int:
-    """Storage held by every tensor attribute of a transformers cache's layers (DynamicCache or kvtune's)."""
-    return storage_bytes([v for layer in cache.layers for v in vars(layer).values() if isinstance(v, torch.Tensor)])
-
-
 def streamed_weight_bytes(model: PreTrainedModel) -> int:
     """Weight bytes a decode step reads: every parameter but the input embedding (unless tied to the output)."""
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings().weight
     kept = [p for p in model.parameters() if p is not embedding or embedding is output]
-    return storage_bytes(kept)
+    return sum(storage_bytes(kept).values())
 
 
 def full_kv_bytes(config: LlamaConfig, context: int, batch: int, dtype: torch.dtype) -> int:
@@ -127,21 +116,16 @@ def decode_floor(weight_bytes: int, kv_bytes: int, bandwidth: float, batch: int)
     return batch * bandwidth / (weight_bytes + kv_bytes)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
     """Bytes moved per second (read + written) by a large device-to-device copy."""
     source = torch.empty(nbytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     target.copy_(source)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         target.copy_(source)
-    _sync(device)
+    synchronize(device)
     return 2 * nbytes * repeats / (time.perf_counter() - start)
 
 
@@ -149,58 +133,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-@torch.no_grad()
-def run_full(model: PreTrainedModel, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float, Any]:
-    """The stock model: one-shot prefill into transformers' DynamicCache, then greedy decode."""
-    model.set_attn_implementation("sdpa")  # kvtune's backend stays switched on after a compressed row
-    device = ids.device
-    cache = DynamicCache(config=model.config)
-    _sync(device)
-    start = time.perf_counter()
-    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
-    _sync(device)
-    prefill_s = time.perf_counter() - start
-    kv = cache_bytes(cache)
-    start = time.perf_counter()
-    for _ in range(decode_tokens):
-        token = logits.argmax(dim=-1, keepdim=True)
-        logits = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
-    _sync(device)
-    return prefill_s, time.perf_counter() - start, kv
-
-
-@torch.no_grad()
-def run_compressed(
-    model: PreTrainedModel, ids: torch.Tensor, method: str, budget: int, chunk: int, decode_tokens: int
-) -> tuple[float, float, int]:
-    """kvtune's public path: `new_cache` with the method's policy, chunked `prefill`, then greedy decode."""
-    device = ids.device
-    cache = new_cache(model, build(method, budget=budget))
-    mask = torch.ones_like(ids)
-    _sync(device)
-    start = time.perf_counter()
-    logits, mask = prefill(model, cache, ids, mask, chunk=chunk)
-    _sync(device)
-    prefill_s = time.perf_counter() - start
-    cache.prefilling = False
-    kv = cache_bytes(cache)
-    positions = mask.sum(dim=1, keepdim=True)
-    start = time.perf_counter()
-    for _ in range(decode_tokens):
-        token = logits.argmax(dim=-1, keepdim=True)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=token,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **cache_kwargs(model, cache),
-        )
-        logits, positions = out.logits[:, -1], positions + 1
-    _sync(device)
-    return prefill_s, time.perf_counter() - start, kv
 
 
 def row_key(method: str, context: int, batch: int, settings: Settings) -> dict[str, Any]:
@@ -219,22 +151,16 @@ def measure_row(model, ids, method: str, settings: Settings, weights: int, bandw
     """One configuration: prefill, decode, and the figures of one table row."""
     batch, context = ids.shape
     row = {**row_key(method, context, batch, settings), "status": "ok"}
-    with PeakMemory(ids.device) as peak:
-        if method != "full":
-            prefill_s, decode_s, kv = run_compressed(
-                model, ids, method, settings.budget, settings.prefill_chunk, settings.decode_tokens
-            )
-        else:
-            prefill_s, decode_s, kv = run_full(model, ids, settings.decode_tokens)
-    decode_tok_s = batch * settings.decode_tokens / decode_s
-    floor = decode_floor(weights, kv, bandwidth, batch)
+    chunk = settings.prefill_chunk if method != "full" else None
+    measured = measure(model, ids, method, settings.budget, settings.decode_tokens, chunk)
+    floor = decode_floor(weights, measured["kv_bytes"], bandwidth, batch)
     row.update(
-        prefill_s=prefill_s,
-        decode_tok_s=decode_tok_s,
-        kv_bytes=kv,
-        peak_above_weights_bytes=peak.peak,
+        prefill_s=measured["prefill_s"],
+        decode_tok_s=measured["decode_tok_s"],
+        kv_bytes=measured["kv_bytes"],
+        peak_above_weights_bytes=measured["peak_bytes"],
         floor_tok_s=floor,
-        floor_ratio=decode_tok_s / floor,
+        floor_ratio=measured["decode_tok_s"] / floor,
     )
     return row
 

@@ -14,6 +14,7 @@ from conftest import tiny_llama
 
 import kvtune
 from kvtune.api import prefill
+from kvtune.cache import storage_bytes
 from kvtune.eval.corpus import corpus_text
 from kvtune.methods import build, training_free
 from kvtune.methods.pyramidkv import pyramid_targets
@@ -172,3 +173,9 @@ def test_storage_after_a_4k_prefill_routers(embedded, long_ids, method):
     expected = (4 - full_layers) * heads * BUDGET + full_layers * heads * LENGTH
     assert held <= expected
     assert reachable_storage(cache) <= 1.1 * _kv_bytes(1, 1, heads, 1, head_dim) * expected
+
+
+def test_storage_bytes_counts_what_views_pin():
+    base = torch.zeros(100)
+    assert sum(storage_bytes([base, base[:10], base[:0]]).values()) == 400  # a zero-length view pins it all
+    assert sum(storage_bytes([base[:0].clone(), torch.zeros(3), None]).values()) == 12

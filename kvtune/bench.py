@@ -207,26 +207,43 @@ def bench(
     for length in context_lengths:
         for batch in batch_sizes:
             ids = _input_ids(tokenizer, length, batch, model.device)
-            full = measure(model, ids, "full", None, decode_tokens)
-            report(full)
-            references = {b: measure(model, ids[:, :b], "reference", b, decode_tokens) for b in budgets}
-            group = [full, *references.values()]
-            for row in references.values():
-                report(row)
+            rows.append(measure(model, ids, "full", None, decode_tokens))
+            report(rows[-1])
+            for budget in budgets:
+                rows.append(measure(model, ids[:, :budget], "reference", budget, decode_tokens))
+                report(rows[-1])
             for method in (m for m in methods if m != "full"):
                 for budget in budgets:
                     for chunk in prefill_chunks:
-                        group.append(measure(model, ids, method, budget, decode_tokens, chunk))
-                        report(group[-1])
-            for row in group:
-                row["prefill_ratio"] = row["prefill_s"] / full["prefill_s"]
-                row["decode_ratio"] = row["decode_tok_s"] / full["decode_tok_s"]
-                reference = references.get(row["budget"])
-                row["decode_vs_reference"] = row["decode_tok_s"] / reference["decode_tok_s"] if reference else None
-                row["kv_ratio"] = row["kv_bytes"] / full["kv_bytes"]
-                row["peak_ratio"] = row["peak_bytes"] / max(full["peak_bytes"], 1)
-            rows += group
-    return rows
+                        rows.append(measure(model, ids, method, budget, decode_tokens, chunk))
+                        report(rows[-1])
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of rows in measurement order with their ratios against the stock `full` row that opened their group
+    (one context length and batch size) and decode against that group's ``budget``-token reference; a partial run's
+    rows make a table too."""
+    out, full, references = [], None, {}
+    for row in rows:
+        if row["method"] == "full":
+            full, references = row, {}
+        elif row["method"] == "reference":
+            references[row["budget"]] = row
+        if full is None:
+            continue
+        reference = references.get(row["budget"])
+        out.append(
+            {
+                **row,
+                "prefill_ratio": row["prefill_s"] / full["prefill_s"],
+                "decode_ratio": row["decode_tok_s"] / full["decode_tok_s"],
+                "decode_vs_reference": row["decode_tok_s"] / reference["decode_tok_s"] if reference else None,
+                "kv_ratio": row["kv_bytes"] / full["kv_bytes"],
+                "peak_ratio": row["peak_bytes"] / max(full["peak_bytes"], 1),
+            }
+        )
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -128,9 +128,17 @@ def run_bench(cfg) -> list[dict]:
         check_budget(budget)
 
     import kvtune
-    from kvtune.bench import bench, markdown_table
+    from kvtune.bench import bench, markdown_table, with_ratios
 
     model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
+    measured: list[dict] = []
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(row: dict) -> None:  # every row on disk as soon as it is measured: an interrupted run keeps them
+        print(json.dumps(row), flush=True)
+        measured.append(row)
+        Path(cfg.output).write_text(json.dumps(with_ratios(measured), indent=2))
+
     rows = bench(
         model,
         tokenizer,
@@ -140,7 +148,7 @@ def run_bench(cfg) -> list[dict]:
         list(cfg.batch_sizes),
         cfg.decode_tokens,
         list(cfg.prefill_chunks),
-        progress=lambda row: print(json.dumps(row), flush=True),
+        progress=keep,
     )
     Path(cfg.output).write_text(json.dumps(rows, indent=2))
     print(markdown_table(rows))

@@ -15,7 +15,7 @@ from conftest import tiny_llama
 from hydra import compose, initialize_config_dir
 
 import kvtune
-from kvtune.bench import measure
+from kvtune.bench import measure, with_ratios
 from kvtune.cli import CONF_DIR
 from kvtune.eval.job import run_eval_job
 from kvtune.eval.report import read_rows
@@ -168,3 +168,21 @@ def test_bench_measures_the_cache_it_keeps():
     compressed = measure(model, ids, "adakv_snapkv", 32, decode_tokens=4)
     assert compressed["kv_bytes"] <= 1.1 * 32 / 128 * full["kv_bytes"]
     assert full["decode_tok_s"] > 0 and 0 <= compressed["overhead_pct"] <= 100
+
+
+def test_bench_ratios_come_from_each_groups_full_and_reference():
+    def row(method, budget, length, prefill, decode, kv, peak=100):
+        return dict(method=method, budget=budget, context_length=length, batch_size=1, prefill_s=prefill,
+                    decode_tok_s=decode, kv_bytes=kv, peak_bytes=peak)  # fmt: skip
+
+    early = row("snapkv", 8, 64, 1.0, 1.0, 1)  # measured before any `full`: no ratios to give it
+    rows = [early, row("full", None, 64, 2.0, 4.0, 64), row("reference", 8, 8, 0.5, 10.0, 8),
+            row("snapkv", 8, 64, 3.0, 9.0, 8, peak=50), row("full", None, 128, 4.0, 2.0, 128),
+            row("snapkv", 8, 128, 4.0, 5.0, 8)]  # fmt: skip
+    table = with_ratios(rows)
+    assert [r["method"] for r in table] == ["full", "reference", "snapkv", "full", "snapkv"]
+    snapkv = table[2]
+    assert (snapkv["prefill_ratio"], snapkv["decode_ratio"], snapkv["decode_vs_reference"]) == (1.5, 2.25, 0.9)
+    assert (snapkv["kv_ratio"], snapkv["peak_ratio"]) == (0.125, 0.5)
+    assert table[4]["decode_vs_reference"] is None and table[4]["prefill_ratio"] == 1.0  # the 128 group has no reference
+    assert "prefill_ratio" not in early  # copies: the measured rows stay raw

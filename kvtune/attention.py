@@ -38,6 +38,7 @@ SUPPORTED_BASES = ("sdpa", "eager")
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
 RECEIVED_BLOCK_ELEMENTS = 1 << 22  # attention probabilities held at once while received attention is summed
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' layer types kvtune attends over
+UNSUPPORTED_TERMS = ("s_aux", "sinks", "position_bias")  # attention arguments kvtune does not apply: refused
 
 
 @dataclass
@@ -296,14 +297,22 @@ def kvtune_attention(
     kvtune_adapter: torch.nn.Module | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    **_,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: exact attention over the layer, then the cache's policy (if any).
 
     ``sliding_window`` and ``softcap`` are what the model's attention module passes for this layer (None for a
-    full-attention layer without soft-capping)."""
+    full-attention layer without soft-capping). Learned attention sinks (gpt-oss's ``s_aux``), position biases and
+    non-causal attention are refused rather than ignored."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("kvtune attention expects the 2-D padding mask; custom 4-D masks are not supported")
+    unsupported = [name for name in UNSUPPORTED_TERMS if kwargs.get(name) is not None]
+    if unsupported or kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        what = ", ".join(unsupported) or "is_causal=False"
+        raise NotImplementedError(
+            f"{type(module).__name__} attends with {what} (learned sinks, a position bias or bidirectional "
+            "attention), which kvtune's attention does not apply"
+        )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len = query.shape[2]
     call: AttentionCall | None = getattr(key, "kvtune_call", None)

@@ -229,3 +229,62 @@ def test_chunked_attention_layers_are_refused():
     model.config.attention_chunk_size = 4
     with pytest.raises(NotImplementedError, match="chunked_attention layers"):
         kvtune.new_cache(model)
+
+
+@pytest.mark.parametrize("rows", [[40], [40, 31]], ids=["batch1", "padded_batch2"])
+def test_saved_hybrid_cache_keeps_its_windows(tmp_path, rows):
+    """A saved and reloaded Gemma 3 cache answers a follow-up exactly like the original (positions are saved: the
+    windows slide on by position)."""
+    from test_cache_io import _compressed_context, _follow_up
+
+    model = _model("gemma3")
+    generator = torch.Generator().manual_seed(2)
+    context = [torch.randint(1, 97, (n,), generator=generator).tolist() for n in rows]
+    cache = _compressed_context(model, context, budget=12)
+    loaded = kvtune.load_cache(cache.save(tmp_path / "ctx.safetensors"), model)
+    assert [layer.sliding_window for layer in loaded.layers] == [WINDOW, WINDOW, None, WINDOW]
+    for original, reloaded in zip(cache.layers, loaded.layers, strict=True):
+        assert torch.equal(reloaded.lengths(), original.lengths())
+        assert torch.equal(reloaded.dense().positions, original.dense().positions)
+    tails = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [8, 9]][: len(rows)]
+    with torch.no_grad():
+        assert torch.equal(_follow_up(model, loaded, tails), _follow_up(model, cache, tails))
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+def test_generate_inside_compress_matches_stock_generate(family, beams):
+    """transformers' own generate loop (its cache replaced by kvtune's), greedy and beam search, padded batch."""
+    model = _model(family)
+    ids, mask = _inputs(3)
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=beams, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        with kvtune.compress(model, "snapkv", budget=4 * CONTEXT, window=4):
+            got = model.generate(ids, **settings)
+    assert torch.equal(got, expected)
+
+
+def test_learned_attention_sinks_are_refused():
+    """gpt-oss passes learned sinks (``s_aux``) to its attention: refused, never silently ignored."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(num_hidden_layers=2, num_local_experts=2, num_experts_per_tok=1, **COMMON)
+    model = GptOssForCausalLM(config).eval()
+    with pytest.raises(NotImplementedError, match="s_aux"), torch.no_grad():
+        model(_inputs(1)[0], past_key_values=kvtune.new_cache(model), use_cache=True)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_chunked_prefill_slides_between_chunks(family):
+    """Prefill in chunks of 10 (longer than the window): every chunk attends within the window over what the last
+    one kept; the last logits equal a one-shot stock prefill."""
+    model = _model(family)
+    ids, mask = _inputs(3)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
+        cache = kvtune.new_cache(model)
+        got, _ = kvtune.api.prefill(model, cache, ids, mask, chunk=10)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    windows = layer_windows(model)
+    assert [int(n.max()) for n in cache.lengths()] == [WINDOW - 1 if w else CONTEXT for w in windows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
 
-from kvtune.attention import CACHE_KEYWORDS, use_kvtune_attention
+from kvtune.attention import CACHE_KEYWORDS, layer_windows, use_kvtune_attention
 from kvtune.cache import KVCache
 from kvtune.cache_io import ContextState, copy_cache, model_fingerprint, tokenizer_fingerprint
 from kvtune.methods import Policy, build
@@ -60,14 +61,47 @@ def use_after_prefill(model: PreTrainedModel) -> None:
         model._kvtune_after_prefill = True
 
 
+def check_sliding_layers(model: PreTrainedModel, policy: Policy | None) -> list[int | None]:
+    """The model's per-layer sliding windows (`kvtune.attention.layer_windows`), once ``policy`` is known to run
+    beside them.
+
+    Sliding layers keep their window exactly and are never compressed; the method compresses the full-attention
+    layers. Methods that decide across all layers at once (``sliding_refusal`` says how) are refused on a model with
+    sliding layers.
+    """
+    windows = layer_windows(model)
+    sliding = [i for i, window in enumerate(windows) if window is not None]
+    if policy is None or not sliding:
+        return windows
+    name = getattr(policy, "name", type(policy).__name__)
+    inner = getattr(policy, "inner", None)
+    refusal = getattr(policy, "sliding_refusal", None) or getattr(inner, "sliding_refusal", None)
+    if refusal:
+        raise UserError(
+            f"method '{name}' cannot compress {type(model).__name__}: layers {sliding} use sliding windows and "
+            f"{name} {refusal}; per-layer methods (snapkv, adakv_snapkv, tova, h2o, streaming_llm, kvmerger, random) "
+            "compress its full-attention layers"
+        )
+    return windows
+
+
 def new_cache(model: PreTrainedModel, policy: Policy | None = None) -> KVCache:
     """An empty kvtune cache for ``model``, compressed by ``policy`` (None: append only).
 
-    ``made_by`` records the method, budget and ratio and the model's fingerprint (`KVCache.save` writes it).
+    Sliding layers (`check_sliding_layers`) keep their window; a model whose every layer slides leaves ``policy``
+    nothing to compress (a warning says so). ``made_by`` records the method, budget and ratio and
+    the model's fingerprint (`KVCache.save` writes it).
     """
+    windows = check_sliding_layers(model, policy)
+    if policy is not None and windows and all(window is not None for window in windows):
+        warnings.warn(
+            f"every layer of {type(model).__name__} uses a sliding window (kept exactly): "
+            f"{getattr(policy, 'name', type(policy).__name__)} has no full-attention layer to compress",
+            stacklevel=2,
+        )
     use_kvtune_attention(model)
     use_after_prefill(model)
-    cache = KVCache(model.config.get_text_config().num_hidden_layers, policy)
+    cache = KVCache(model.config.get_text_config().num_hidden_layers, policy, windows)
     inner = getattr(policy, "inner", None)
     name = "full" if policy is None else getattr(policy, "name", type(policy).__name__)  # recorders have none
     cache.made_by = {
@@ -93,6 +127,7 @@ def compress(
     already holds tokens cannot be compressed after the fact and is refused.
     """
     policy = build(method, budget=budget, ratio=ratio, **kwargs)
+    check_sliding_layers(model, policy)
     use_kvtune_attention(model)
     use_after_prefill(model)
     caches: weakref.WeakSet[KVCache] = weakref.WeakSet()

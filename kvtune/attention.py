@@ -12,6 +12,12 @@ what the model computes with any other cache (StaticCache, DynamicCache, none).
 `attend` is the one place that attends over a layer (rectangular, masked or causal); `attend_with_received` also
 returns the attention each key received; `attend_segments` reads a ragged layer's segments for single queries.
 A GPU backend replaces these three.
+
+Hybrid models: a sliding layer (from the config's ``layer_types``/``sliding_window``, read as transformers'
+DynamicCache reads them: `layer_windows`) attends within its window, by position, and keeps only that window
+(`RaggedLayer.slide`); policies never see it. Gemma 2's attention logit soft-capping (``softcap``) is applied
+wherever logits are formed (`softcapped`): such calls, and windowed prefills, take the SDPA/eager reference path
+on every device.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvtune.cache import AttentionCall, KVCache, RaggedLayer
@@ -30,6 +37,8 @@ BACKEND = "kvtune"
 SUPPORTED_BASES = ("sdpa", "eager")
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
 RECEIVED_BLOCK_ELEMENTS = 1 << 22  # attention probabilities held at once while received attention is summed
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' layer types kvtune attends over
+UNSUPPORTED_TERMS = ("s_aux", "sinks", "position_bias")  # attention arguments kvtune does not apply: refused
 
 
 @dataclass
@@ -49,6 +58,7 @@ class LayerContext:
     scaling: float
     adapter: torch.nn.Module | None = None  # a trained compressor of this layer (LoCoCo), when the model has one
     positions: torch.Tensor | None = None  # [B, H_kv or 1, L] long: absolute position of each entry (see cache)
+    softcap: float | None = None  # attention logit soft-capping of the model (Gemma 2), for scores
 
     @property
     def group_size(self) -> int:
@@ -60,14 +70,37 @@ def _pass_through_mask(attention_mask: torch.Tensor | None = None, **_) -> torch
     return attention_mask
 
 
-def allowed_mask(valid: torch.Tensor, query_length: int, rows: int | None = None) -> torch.Tensor:
+def allowed_mask(
+    valid: torch.Tensor,
+    query_length: int,
+    rows: int | None = None,
+    window: int | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[B, Hm, rows, L]`` bool for the last ``rows`` (default and at most: all) of ``query_length`` queries: a query
-    sees valid keys up to its own position, and always its own key (no empty row)."""
+    sees valid keys up to its own position, and always its own key (no empty row).
+
+    ``window`` (a sliding layer's) also hides keys at distance ``>= window`` from the query, by absolute position
+    (``positions`` ``[B, H_kv or 1, L]``, padding counted as transformers counts it; default: the column index).
+    """
     length = valid.shape[-1]
     rows = query_length if rows is None else min(rows, query_length)
     own = torch.arange(query_length - rows, query_length, device=valid.device)[:, None] + (length - query_length)
     cols = torch.arange(length, device=valid.device)[None, :]
-    return (valid[:, :, None, :] & (cols <= own)) | (cols == own)
+    allowed = (valid[:, :, None, :] & (cols <= own)) | (cols == own)
+    if window is not None:
+        if positions is None:
+            positions = torch.arange(length, device=valid.device)[None, None]
+        positions = positions.long()
+        allowed = allowed & (positions[:, :, None, :] > positions[:, :, length - rows :, None] - window)
+    return allowed
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping, as its eager attention computes it (in place; no-op for None)."""
+    if softcap is None:
+        return logits
+    return logits.div_(softcap).tanh_().mul_(softcap)
 
 
 def _grouped(query: torch.Tensor, heads_kv: int) -> torch.Tensor:
@@ -77,7 +110,8 @@ def _grouped(query: torch.Tensor, heads_kv: int) -> torch.Tensor:
 
 def kernel_for(query: torch.Tensor, valid: torch.Tensor | None) -> AttendFn | None:
     """The GPU kernel for a layer call (`kvtune.kernels.best_backend`: FlashAttention or torch varlen for ragged
-    layers, SDPA without a mask for rectangular ones), or None on CPU, where `attend`'s SDPA path is the reference."""
+    layers, SDPA without a mask for rectangular ones), or None on CPU, where `attend`'s SDPA path is the reference.
+    (Soft-capped and windowed calls never get here: the kernels have neither a soft cap nor a position window.)"""
     if not query.is_cuda:
         return None
     return best_backend(query.device, query.dtype, ragged=valid is not None, head_dim=query.shape[-1])
@@ -90,58 +124,79 @@ def attend(
     valid: torch.Tensor | None,
     scaling: float,
     causal: bool = True,
+    softcap: float | None = None,
+    window: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, H, q, d]`` (the last q positions) over one layer: ``[B, H, q, d]``.
 
     ``valid`` (``[B, H_kv or 1, L]``) marks real entries; None means all are (no mask at all). A rectangular layer
     gets exactly the SDPA call transformers' own ``sdpa`` backend makes, so its outputs are bit-identical to stock.
+    ``softcap`` caps the logits as Gemma 2's eager attention does; ``window`` and ``positions`` restrict each query
+    to a sliding window (`allowed_mask`).
     """
-    kernel = kernel_for(query, valid)
+    plain = softcap is None and window is None
+    kernel = kernel_for(query, valid) if plain else None
     if kernel is not None:
         return kernel(query, keys, values, valid, scaling, causal=causal)
     q_len, length = query.shape[2], keys.shape[2]
     group = query.shape[1] // keys.shape[1]
-    if valid is None and (q_len == 1 or q_len == length or not causal):
+    if plain and valid is None and (q_len == 1 or q_len == length or not causal):
         return F.scaled_dot_product_attention(
             query, keys, values, attn_mask=None, dropout_p=0.0, scale=scaling, is_causal=causal and q_len > 1,
             enable_gqa=group > 1,
         )  # fmt: skip
     if valid is None:
         valid = torch.ones(query.shape[0], 1, length, dtype=torch.bool, device=query.device)
-    if q_len == 1:  # the GQA group's queries as rows against one [B, Hm, 1, L] mask
+    if plain and q_len == 1:  # the GQA group's queries as rows against one [B, Hm, 1, L] mask
         packed = query.view(query.shape[0], keys.shape[1], group, query.shape[-1])
         out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=valid[:, :, None, :], scale=scaling)
         return out.view(query.shape[0], -1, 1, values.shape[-1])
-    mask = allowed_mask(valid, q_len) if causal else valid[:, :, None, :].expand(-1, -1, q_len, -1)
-    out = F.scaled_dot_product_attention(
-        _grouped(query, keys.shape[1]), keys[:, :, None], values[:, :, None], attn_mask=mask[:, :, None], scale=scaling
-    )
-    return out.flatten(1, 2)
+    if causal:
+        mask = allowed_mask(valid, q_len, window=window, positions=positions)
+    else:
+        mask = valid[:, :, None, :].expand(-1, -1, q_len, -1)
+    grouped, keys, values = _grouped(query, keys.shape[1]), keys[:, :, None], values[:, :, None]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, :, None], scale=scaling)
+        return out.flatten(1, 2)
+    logits = softcapped(torch.matmul(grouped, keys.transpose(3, 4)) * scaling, softcap)
+    logits.masked_fill_(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).flatten(1, 2)
 
 
 def attend_with_received(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention and the attention each key received, summed over the queries (fp32 ``[B, H, L]``).
 
     A one-shot prefill with no padding on CPU uses two flash-attention passes: the forward pass also returns each
     query's log-sum-exp ``lse_q``; then, with keys as rows and queries as columns (positions reversed, so that the
     mask stays causal) and ``-lse_q`` carried in an extra dimension, the second pass's log-sum-exp is
-    ``log sum_q exp(q·k - lse_q)``, the log of what key ``k`` received. Otherwise the output is `attend`'s and the
-    received attention comes from `_received_causal`.
+    ``log sum_q exp(q·k - lse_q)``, the log of what key ``k`` received. Otherwise (soft-capped logits included, which
+    the flash passes cannot cap) the output is `attend`'s and the received attention comes from `_received_causal`.
     """
     q_len, length = query.shape[2], keys.shape[2]
     if q_len == 1:  # a decoding step: the probabilities are the received attention
         batch, heads, _, dim = query.shape
         logits = torch.matmul(query.view(batch, keys.shape[1], -1, dim), keys.transpose(2, 3)).mul_(scaling)
+        softcapped(logits, softcap)
         if valid is not None:
             logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         out = torch.matmul(probs.to(values.dtype), values).view(batch, heads, 1, values.shape[-1])
         return out, probs.view(batch, heads, length)
-    if valid is None and q_len == length and query.device.type == "cpu" and not torch.is_grad_enabled():
+    flash = softcap is None and valid is None and q_len == length and query.device.type == "cpu"
+    if flash and not torch.is_grad_enabled():
         return _attend_and_received_flash(query, keys, values, scaling)
-    return attend(query, keys, values, valid, scaling), _received_causal(query, keys, valid, scaling)
+    out = attend(query, keys, values, valid, scaling, softcap=softcap)
+    return out, _received_causal(query, keys, valid, scaling, softcap)
 
 
 def _attend_and_received_flash(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
@@ -158,7 +213,9 @@ def _attend_and_received_flash(query: torch.Tensor, keys: torch.Tensor, values: 
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph
-def _received_causal(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float):
+def _received_causal(
+    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None = None
+):
     batch, heads, q_len, dim = query.shape
     heads_kv, length = keys.shape[1], keys.shape[2]
     group = heads // heads_kv
@@ -171,6 +228,7 @@ def _received_causal(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tenso
         count, seen = stop - start, offset + stop  # the block's queries see keys [0, seen)
         block = grouped[:, :, :, start:stop].reshape(batch, heads_kv, group * count, dim)
         logits = torch.matmul(block, keys_t[..., :seen]).mul_(scaling).view(batch, heads_kv, group, count, seen)
+        softcapped(logits, softcap)
         future = torch.ones(count, count, dtype=torch.bool, device=query.device).triu(1)
         if valid is not None:
             own = torch.eye(count, dtype=torch.bool, device=query.device)
@@ -185,7 +243,9 @@ def _received_causal(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tenso
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph
-def received_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+def received_attention(
+    query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """Attention each key receives from ``query`` under an explicit ``allowed`` mask ``[B, Hm, q, L]``: ``[B, H, L]``
     (fp32). For recordings and tests; the attention backend uses `attend_with_received`."""
     heads_kv, length = keys.shape[1], keys.shape[2]
@@ -194,19 +254,21 @@ def received_attention(query: torch.Tensor, keys: torch.Tensor, allowed: torch.T
     received = torch.zeros(*grouped.shape[:3], length, dtype=torch.float32, device=query.device)
     block = max(1, RECEIVED_BLOCK_ELEMENTS // (query.shape[1] * length))
     for start in range(0, query.shape[2], block):
-        logits = torch.matmul(grouped[:, :, :, start : start + block], keys_t) * scaling
+        logits = softcapped(torch.matmul(grouped[:, :, :, start : start + block], keys_t) * scaling, softcap)
         allowed_block = allowed[:, :, None, start : start + block]
         received += logits.masked_fill(~allowed_block, float("-inf")).softmax(dim=-1).sum(dim=-2)
     return received.flatten(1, 2)
 
 
-def attend_segments(query: torch.Tensor, layer: RaggedLayer, scaling: float) -> torch.Tensor:
+def attend_segments(
+    query: torch.Tensor, layer: RaggedLayer, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """Single-query attention over a ragged layer, straight from its flat storage: every query group scores the
     whole buffer and `RaggedLayer.segment_bias` keeps only its own segment. ``[B, H, 1, d]``."""
     batch, heads, _, dim = query.shape
     keys, values = layer._keys, layer._values
     logits = torch.matmul(query.view(batch * layer.heads, heads // layer.heads, dim), keys.t()).mul_(scaling)
-    logits.add_(layer.segment_bias()[:, None, :])
+    softcapped(logits, softcap).add_(layer.segment_bias()[:, None, :])
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.matmul(probs, values).view(batch, heads, 1, values.shape[-1])
 
@@ -233,24 +295,52 @@ def kvtune_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     kvtune_adapter: torch.nn.Module | None = None,
-    **_,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: exact attention over the layer, then the cache's policy (if any)."""
+    """transformers attention function: exact attention over the layer, then the cache's policy (if any).
+
+    ``sliding_window`` and ``softcap`` are what the model's attention module passes for this layer (None for a
+    full-attention layer without soft-capping). Learned attention sinks (gpt-oss's ``s_aux``), position biases and
+    non-causal attention are refused rather than ignored."""
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("kvtune attention expects the 2-D padding mask; custom 4-D masks are not supported")
+    unsupported = [name for name in UNSUPPORTED_TERMS if kwargs.get(name) is not None]
+    if unsupported or kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        what = ", ".join(unsupported) or "is_causal=False"
+        raise NotImplementedError(
+            f"{type(module).__name__} attends with {what} (learned sinks, a position bias or bidirectional "
+            "attention), which kvtune's attention does not apply"
+        )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len = query.shape[2]
     call: AttentionCall | None = getattr(key, "kvtune_call", None)
     if call is None:  # keys that did not come from a KVCache: the 2-D mask covers every key
         valid = None if attention_mask is None else attention_mask[:, None, -key.shape[2] :].bool()
-        return attend(query, key, value, valid, scaling).transpose(1, 2).contiguous(), None
+        out = attend(query, key, value, valid, scaling, softcap=softcap, window=sliding_window)
+        return out.transpose(1, 2).contiguous(), None
     layer, valid, ragged = call.layer, call.valid, call.ragged
+    if layer.sliding_window != sliding_window:
+        raise ValueError(
+            f"layer {call.layer_idx} of the model attends with sliding_window={sliding_window} but its kvtune cache "
+            f"layer has {layer.sliding_window}: make the cache with kvtune.new_cache(model) (it reads the windows)"
+        )
     new_valid = _padding_of_new_tokens(attention_mask, q_len)
     if new_valid is not None:
         layer.mark_new_valid(new_valid)
         if not ragged:
             valid = valid.clone() if valid is not None else new_valid.new_ones(key.shape[0], 1, key.shape[2])
             valid[:, :, -q_len:] &= new_valid[:, None, :]
+    if sliding_window is not None:  # never compressed: attend within the window, then keep only what stays visible
+        if ragged:  # a single query over entries that all lie inside its window (`RaggedLayer.slide`)
+            out = attend_segments(query, layer, scaling, softcap)
+        else:
+            beyond = key.shape[2] > sliding_window or (q_len > 1 and _spans_window(call, layer))
+            window = sliding_window if beyond else None
+            out = attend(query, key, value, valid, scaling, softcap=softcap, window=window, positions=call.positions)
+        layer.slide()
+        return out.transpose(1, 2).contiguous(), None
     cache = call.cache
     policy = cache.policy if cache is not None else None
     compressing = policy is not None and q_len > 1 and cache.prefilling
@@ -262,11 +352,11 @@ def kvtune_attention(
             key, value, valid, ragged = view.keys, view.values, view.valid, False
     received = None
     if ragged:
-        out = attend_segments(query, layer, scaling)
+        out = attend_segments(query, layer, scaling, softcap)
     elif acting and policy.needs_column_scores:
-        out, received = attend_with_received(query, key, value, valid, scaling)
+        out, received = attend_with_received(query, key, value, valid, scaling, softcap)
     else:
-        out = attend(query, key, value, valid, scaling)
+        out = attend(query, key, value, valid, scaling, softcap=softcap)
     if acting:
         ctx = LayerContext(
             layer_idx=call.layer_idx,
@@ -282,9 +372,15 @@ def kvtune_attention(
             scaling=scaling,
             adapter=kvtune_adapter,
             positions=view.positions,
+            softcap=softcap,
         )
         (policy.on_prefill if compressing else policy.on_decode)(ctx)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _spans_window(call: AttentionCall, layer: RaggedLayer) -> bool:
+    """Whether some query of this call is further than the window from some key it is handed."""
+    return layer.seen_tokens - int(call.positions.min()) > layer.sliding_window
 
 
 AttentionInterface.register(BACKEND, kvtune_attention)
@@ -301,11 +397,25 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
             f"kvtune cannot hook the attention of {type(model).__name__} "
             f"(model_type={getattr(model.config, 'model_type', '?')}): it needs decoder layers with a `self_attn` "
             "module that calls `past_key_values.update` and transformers' attention interface (Llama, Mistral, "
-            "Qwen2/3, Phi3-style models)."
+            "Qwen2/3, Gemma 2/3, Phi3-style models)."
         )
-    if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
-        raise NotImplementedError(f"{type(model).__name__} uses sliding-window layers, which kvtune does not hook yet")
+    layer_windows(model)
     return modules
+
+
+def layer_windows(model: PreTrainedModel) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), read from the config exactly as transformers'
+    `DynamicCache(config=...)` reads it (``layer_types``, else a ``sliding_window`` on every layer: Mistral, Qwen2's
+    ``use_sliding_window``/``max_window_layers``). Other layer kinds (chunked, linear, shared-KV) are refused."""
+    config = model.config.get_text_config(decoder=True)
+    kinds, kwargs = get_layer_types_and_kwargs(config)
+    unsupported = sorted(set(kinds) - set(LAYER_TYPES))
+    if unsupported:
+        raise NotImplementedError(
+            f"{type(model).__name__} (model_type={getattr(config, 'model_type', '?')}) has {', '.join(unsupported)} "
+            f"layers; kvtune attends over {' and '.join(LAYER_TYPES)} layers only"
+        )
+    return [kw["sliding_window"] if kind == "sliding_attention" else None for kind, kw in zip(kinds, kwargs)]
 
 
 def _forward_cache(kwargs: dict) -> object | None:

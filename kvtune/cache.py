@@ -12,6 +12,9 @@ geometrically when the spare runs out, and is rebuilt exactly (no spare) on comp
 * Per entry the layer also keeps its absolute position (the count of tokens seen before it, padding included;
   `FUSED` for a slot that fuses several tokens), a validity bit (left padding, or an entry evicted lazily while
   decoding, see `RaggedLayer.compact`) and optionally a statistic (``aux``, e.g. H2O's accumulated attention).
+* A sliding layer (``sliding_window`` set, from the model's ``layer_types``) is never compressed by a method: after
+  each forward it keeps the positions its next query can still see (`RaggedLayer.slide`), the last
+  ``window - 1``, as transformers' ``DynamicSlidingWindowLayer`` does.
 
 Compaction and every reset allocate fresh tensors: no view into released storage survives, and `nbytes` counts
 the storage each tensor keeps alive. The cache knows nothing about methods: a method only calls `compact`.
@@ -66,6 +69,7 @@ class AttentionCall:
     ragged: bool = False
     layer_idx: int = -1
     cache: KVCache | None = None
+    positions: torch.Tensor | None = None  # [B, H_kv, L] of the keys handed over (None for the ragged segments)
 
 
 @dataclass
@@ -98,11 +102,14 @@ def storage_bytes(tensors) -> dict[int, int]:
 class RaggedLayer(CacheLayerMixin):
     """One decoder layer's cache with per-(batch row, KV head) lengths. See the module docstring for the layout."""
 
-    is_sliding = False
     is_croppable = False  # `crop` works only back to what the layer still holds (see `crop`)
 
-    def __init__(self) -> None:
+    def __init__(self, sliding_window: int | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+        self.sliding_window = sliding_window  # a query sees keys at distance < window (transformers' semantics)
+        self.is_sliding = sliding_window is not None
         self._keys: torch.Tensor | None = None  # [S, d]
         self._values: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None  # [S] POSITION_DTYPE
@@ -287,7 +294,7 @@ class RaggedLayer(CacheLayerMixin):
             keys = self._view4(self._keys)[:, :, :used]
             values = self._view4(self._values)[:, :, :used]
             valid = None if self._valid is None else self._view4(self._valid)[:, :, :used]
-            call = AttentionCall(layer=self, valid=valid)
+            call = AttentionCall(layer=self, valid=valid, positions=self._view4(self._positions)[:, :, :used])
         elif new == 1:
             # Fresh tensor objects over the storage, so that the attribute never lands on ours.
             keys, values = self._keys.view_as(self._keys), self._values.view_as(self._values)
@@ -295,7 +302,7 @@ class RaggedLayer(CacheLayerMixin):
         else:
             view = self.dense()
             keys, values = view.keys, view.values
-            call = AttentionCall(layer=self, valid=view.valid)
+            call = AttentionCall(layer=self, valid=view.valid, positions=view.positions)
         # Read by kvtune.attention; to any other consumer the keys are a plain tensor. The call holds no reference
         # to the tensors themselves.
         keys.kvtune_call = call
@@ -311,7 +318,7 @@ class RaggedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.sliding_window)
 
     # ---- transformers' cache contract: batch operations, crop, offloading --------------------------------------
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -563,6 +570,17 @@ class RaggedLayer(CacheLayerMixin):
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., : int(counts.max())]
         self._rebuild(Selection(order, counts), view)
 
+    def slide(self) -> None:
+        """A sliding layer, after a forward: drop the entries its next query can no longer see (positions at or
+        before ``seen_tokens - window``), keeping the last ``window - 1`` positions as transformers does. Decoding
+        steps only mark the oldest entry invalid until `evict` rebuilds the layer (a few holes at most)."""
+        if self.sliding_window is None or not self.is_initialized:
+            return
+        view = self.dense()
+        drop = view.positions <= self.seen_tokens - self.sliding_window
+        if bool((drop & view.valid).any()):  # (invalid entries, e.g. padding, go whenever the layer is rebuilt)
+            self.evict(drop, view)
+
     def detach(self) -> None:
         """Cut stored entries from any autograd graph (a trained compressor's output is trained by one chunk only)."""
         self._keys, self._values = self._keys.detach(), self._values.detach()
@@ -601,8 +619,13 @@ class KVCache(Cache):
     made_by: dict | None = None  # method, budget, ratio, model and tokenizer fingerprints (set by kvtune.api)
     context: ContextState | None = None  # what follow-ups need, set by kvtune.compress_context (kvtune.cache_io)
 
-    def __init__(self, num_layers: int, policy=None) -> None:
-        super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, policy=None, windows: list[int | None] | None = None) -> None:
+        """``windows``: each layer's sliding window, None for full attention (`kvtune.attention.layer_windows`
+        reads them from a model; `kvtune.new_cache` passes them)."""
+        windows = [None] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} sliding windows given for {num_layers} layers")
+        super().__init__(layers=[RaggedLayer(window) for window in windows])
         self._policy = policy
         self.prefilling = True
         self.policy_state: dict = {}  # cross-layer state a method keeps for this cache (LightTransfer's heap, ...)

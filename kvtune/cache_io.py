@@ -1,7 +1,8 @@
 """Save a compressed `KVCache` to safetensors and load it back: compress a long context once, ask about it later.
 
 The file holds, per layer, only the entries the cache kept, flat (``[N, head_dim]`` ordered by batch row, KV head,
-position) with a ``[B, H_kv]`` length table: ragged, no padding stored. The metadata records how the cache was
+position) with their absolute positions (sliding layers' windows are kept by position) and a ``[B, H_kv]`` length
+table: ragged, no padding stored. The metadata records how the cache was
 made (method, budget, ratio), the model and tokenizer it belongs to, and each layer's ``seen_tokens``. A cache made
 by `kvtune.compress_context` also carries its `ContextState` (the 2-D mask seen so far, which fixes the positions of
 follow-up tokens, and the last logits), so that `kvtune.generate` can answer from the loaded cache exactly as from
@@ -94,6 +95,7 @@ def save_cache(cache: KVCache, path: str | Path) -> Path:
         tensors[f"layers.{index}.keys"] = view.keys[valid].contiguous()
         tensors[f"layers.{index}.values"] = view.values[valid].contiguous()
         tensors[f"layers.{index}.lengths"] = valid.sum(dim=-1)
+        tensors[f"layers.{index}.positions"] = view.positions.expand(*valid.shape)[valid].contiguous()
         if view.aux is not None:
             tensors[f"layers.{index}.aux"] = view.aux[valid].contiguous()
     seen = [layer.seen_tokens for layer in cache.layers]
@@ -156,7 +158,7 @@ def load_cache(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTo
         for index, layer in enumerate(cache.layers):
             part = {
                 key: handle.get_tensor(f"layers.{index}.{key}")
-                for key in ("keys", "values", "lengths", "aux")
+                for key in ("keys", "values", "lengths", "aux", "positions")
                 if f"layers.{index}.{key}" in names
             }
             _restore_layer(layer, part)
@@ -183,6 +185,7 @@ def _restore_layer(layer, part: dict[str, torch.Tensor]) -> None:
 
     keys, values = dense(part["keys"]), dense(part["values"])
     aux = dense(part["aux"]) if "aux" in part else None
+    positions = dense(part["positions"]) if "positions" in part else None  # (files of the first release: FUSED)
     # fresh empty tensors: a zero-length slice of the padded copy would keep all of its storage alive
     layer.lazy_initialization(
         keys.new_empty(batch, heads, 0, keys.shape[-1]), values.new_empty(batch, heads, 0, values.shape[-1])
@@ -190,4 +193,4 @@ def _restore_layer(layer, part: dict[str, torch.Tensor]) -> None:
     indices = torch.arange(width, device=lengths.device).expand(batch, heads, width)
     indices = torch.where(valid, indices, width)  # each head's valid positions first (ascending), then filler
     indices = indices.sort(dim=-1).values
-    layer.compact(Selection(indices, lengths), DenseView(keys, values, valid, aux, layer))
+    layer.compact(Selection(indices, lengths), DenseView(keys, values, valid, aux, layer, positions))

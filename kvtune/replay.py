@@ -16,7 +16,7 @@ import copy
 import torch
 from transformers import PreTrainedModel
 
-from kvtune.api import new_cache, prefill
+from kvtune.api import check_sliding_layers, new_cache, prefill
 from kvtune.attention import LayerContext, allowed_mask, received_attention
 from kvtune.cache import KVCache
 from kvtune.methods import build
@@ -30,13 +30,13 @@ class _QueryRecorder:
         self.needs_column_scores = keep is not None  # a truncated recording must keep what all queries gave
         self.queries: dict[int, torch.Tensor] = {}
         self.received: dict[int, torch.Tensor] = {}
-        self.scaling = 1.0
+        self.scaling, self.softcap = 1.0, None
 
     def on_prefill(self, ctx: LayerContext) -> None:
         self.queries[ctx.layer_idx] = ctx.query if self.keep is None else ctx.query[:, :, -self.keep :].clone()
         if ctx.column_scores is not None:
             self.received[ctx.layer_idx] = ctx.column_scores
-        self.scaling = ctx.scaling
+        self.scaling, self.softcap = ctx.scaling, ctx.softcap
 
     def on_decode(self, ctx: LayerContext) -> None:
         return None
@@ -63,6 +63,7 @@ class RecordedPrefill:
         self.logits, self.mask = prefill(model, self.cache, input_ids, attention_mask)
         self.cache.policy, self.cache.prefilling = None, False
         self.queries, self.scaling, self.keep_queries = recorder.queries, recorder.scaling, keep_queries
+        self.softcap = recorder.softcap
         self._received: dict[int, torch.Tensor] = recorder.received
 
     def received(self, layer_idx: int) -> torch.Tensor:
@@ -71,12 +72,13 @@ class RecordedPrefill:
             view = self.cache.layers[layer_idx].dense()
             query = self.queries[layer_idx]
             allowed = allowed_mask(view.valid, query.shape[2])
-            self._received[layer_idx] = received_attention(query, view.keys, allowed, self.scaling)
+            self._received[layer_idx] = received_attention(query, view.keys, allowed, self.scaling, self.softcap)
         return self._received[layer_idx]
 
     def compress(self, method: str, budget: int | None = None, ratio: float | None = None, **kwargs) -> KVCache:
         """A new cache holding what ``method`` keeps of this prefill, as if it had run during the prefill."""
         policy = build(method, budget=budget, ratio=ratio, **kwargs)
+        check_sliding_layers(self.model, policy)
         if self.keep_queries is not None and policy.queries_needed() > self.keep_queries:
             raise ValueError(
                 f"{method} reads the last {policy.queries_needed()} queries but only {self.keep_queries} were recorded"
@@ -84,6 +86,8 @@ class RecordedPrefill:
         cache = copy.deepcopy(self.cache)
         cache.policy = policy
         for layer_idx, layer in enumerate(cache.layers):
+            if layer.is_sliding:  # kept at its window, as in a live prefill
+                continue
             view = layer.dense()
             query = self.queries[layer_idx]
             received = self.received(layer_idx) if policy.needs_column_scores else None
@@ -101,6 +105,7 @@ class RecordedPrefill:
                     column_scores=received,
                     scaling=self.scaling,
                     positions=view.positions,
+                    softcap=self.softcap,
                 )
             )
         cache.policy_state["recording"] = self.shared

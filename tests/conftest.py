@@ -41,3 +41,24 @@ def tiny_llama(layers: int = 3, heads: int = 6, kv_heads: int = 2, seed: int = 0
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).eval()
+
+
+def greedy_logits(model, ids, mask, cache, steps=3):
+    """Prefill then greedy decode ``steps`` tokens; returns the logits of every valid position and step."""
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = [out.logits[mask.bool()]]
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = mask.sum(1, keepdim=True) - 1
+        out = model(
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        logits.append(out.logits[:, -1])
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return logits

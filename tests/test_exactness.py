@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_logits
 from transformers import DynamicCache
 
 import kvtune
@@ -11,27 +12,6 @@ from kvtune.eval.corpus import stdlib_text
 
 METHODS = [m for m in kvtune.methods.training_free() if "+" not in m] + ["lighttransfer+adakv_snapkv"]
 TOLERANCE = 1e-4
-
-
-def _run(model, ids, mask, cache, steps=3):
-    """Prefill then greedy decode ``steps`` tokens; returns the logits of every valid position and step."""
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    logits = [out.logits[mask.bool()]]
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = mask.sum(1, keepdim=True) - 1
-        out = model(
-            input_ids=token,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        logits.append(out.logits[:, -1])
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return logits
 
 
 def _batch(tokenizer, lengths):
@@ -48,7 +28,7 @@ def references(embedded, stock_embedded):
     cases = {"batch1": _batch(tokenizer, [180]), "padded3": _batch(tokenizer, [150, 97, 120])}
     with torch.no_grad():
         return {
-            name: (ids, mask, _run(stock_embedded, ids, mask, DynamicCache(config=stock_embedded.config)))
+            name: (ids, mask, greedy_logits(stock_embedded, ids, mask, DynamicCache(config=stock_embedded.config)))
             for name, (ids, mask) in cases.items()
         }
 
@@ -61,7 +41,7 @@ def test_uncompressed_methods_match_dynamic_cache(embedded, references, method, 
     ids, mask, expected = references[case]
     budget = None if method == "full" else 4096
     with torch.no_grad(), kvtune.compress(model, method, budget=budget):
-        got = _run(model, ids, mask, cache=None)
+        got = greedy_logits(model, ids, mask, cache=None)
     assert len(got) == len(expected)
     for step, (a, b) in enumerate(zip(got, expected)):
         diff = (a - b).abs().max().item()
@@ -75,5 +55,5 @@ def test_kvtune_attention_matches_sdpa_on_plain_cache(embedded, references):
     kvtune.api.use_kvtune_attention(model)
     ids, mask, expected = references["padded3"]
     with torch.no_grad():
-        got = _run(model, ids, mask, DynamicCache(config=model.config))
+        got = greedy_logits(model, ids, mask, DynamicCache(config=model.config))
     assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= TOLERANCE

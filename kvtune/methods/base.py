@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvtune.attention import LayerContext, allowed_mask
+from kvtune.attention import LayerContext, allowed_mask, softcapped
 from kvtune.cache import DenseView, KVCache, Selection
 from kvtune.validation import UserError, check_budget, check_ratio
 
@@ -25,6 +25,7 @@ class Policy:
     needs_column_scores = False
     evicts_during_decoding = False
     released = False  # set when the `kvtune.compress` block that made it exits: caches stop applying it
+    sliding_refusal: str | None = None  # why the method cannot run beside sliding layers (None: it can)
 
     def __init__(self, budget: int | None = None, ratio: float | None = None, window: int = 32) -> None:
         if budget is not None and ratio is not None:
@@ -183,7 +184,7 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     group = ctx.group_size
     query = ctx.query[:, :, -window:].float()
     keys = ctx.keys.float().repeat_interleave(group, dim=1)
-    logits = torch.matmul(query, keys.transpose(2, 3)) * ctx.scaling
+    logits = softcapped(torch.matmul(query, keys.transpose(2, 3)) * ctx.scaling, ctx.softcap)
     allowed = allowed_mask(ctx.valid, ctx.query.shape[2], rows=window)
     if allowed.shape[1] > 1:
         allowed = allowed.repeat_interleave(group, dim=1)

@@ -43,7 +43,7 @@ from functools import cache
 import torch
 from transformers import AutoTokenizer
 
-from kvtune.attention import LayerContext, allowed_mask
+from kvtune.attention import LayerContext, allowed_mask, softcapped
 from kvtune.cache import KVCache
 from kvtune.methods.adakv import adaptive_counts
 from kvtune.methods.base import Policy, keep_top, protect_sinks, window_then_past
@@ -75,7 +75,7 @@ class _MaxAttention:
         first = new - self.counted
         for start in range(first, new, QUERY_BLOCK):
             block = slice(start, min(start + QUERY_BLOCK, new))
-            logits = torch.matmul(ctx.query[:, :, block].float(), keys) * ctx.scaling
+            logits = softcapped(torch.matmul(ctx.query[:, :, block].float(), keys) * ctx.scaling, ctx.softcap)
             block_allowed = allowed[:, :, block]
             if block_allowed.shape[1] > 1:
                 block_allowed = block_allowed.repeat_interleave(group, dim=1)
@@ -145,6 +145,7 @@ def reconstruction_scores(
 @register("kvzip")
 class KVzip(Policy):
     composable = False  # its selection runs after the prefill, not inside a router's layer calls
+    sliding_refusal = "selects over all layers at once after the prefill"
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ from kvtune.methods.streaming_llm import StreamingLLM, streaming_selection
 @register("lighttransfer")
 class LightTransfer(Policy):
     composes = True
+    sliding_refusal = "chooses the layers to stream among all layers, after the last one"
     evicts_during_decoding = True
 
     def __init__(

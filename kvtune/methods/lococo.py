@@ -22,6 +22,7 @@ class LoCoCo(Policy):
     needs_column_scores = True
     evicts_during_decoding = True
     needs_adapter = True
+    sliding_refusal = "fuses with adapters trained on full-attention caches of every layer"
 
     def __init__(
         self, budget=None, ratio=None, window: int = 32, buffer: int = 16, chunk: int = 512, truncate: bool = True

@@ -29,6 +29,8 @@ def pyramid_targets(
 
 @register("pyramidkv")
 class PyramidKV(SnapKV):
+    sliding_refusal = "lays its budgets over the depth of all layers"
+
     def __init__(
         self,
         budget=None,

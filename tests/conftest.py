@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import torch
+import transformers
+from hydra.core.global_hydra import GlobalHydra
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvtune
+from kvtune import cli
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +32,45 @@ def stock_embedded():
     """A second copy that keeps transformers' own SDPA attention: the reference for exactness."""
     model, _ = kvtune.load_model("embedded")
     return model
+
+
+@pytest.fixture
+def kvtune_cli(monkeypatch, capsys, tmp_path):
+    """``kvtune ARGS`` run in this process (no interpreter start, no imports to pay): (exit status, stdout, stderr).
+
+    Hydra writes its run folders under tmp_path; the logging it configures and its global state are undone after
+    each call. Loading any model, tokenizer or config fails the test: the commands run here must not need one (a
+    user error is reported before anything loads). A few tests still run `python -m kvtune.cli` end to end.
+    """
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"kvtune_cli loads nothing: from_pretrained{args[:2]}")
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(cli.COMMAND_ENV, "")  # main() records the command there for DDP ranks; empty: none inherited
+
+    def run(args: list[str], hydra_full_error: str = "0") -> tuple[int | str, str, str]:
+        monkeypatch.setattr(sys, "argv", ["kvtune", *args])
+        monkeypatch.setenv("HYDRA_FULL_ERROR", hydra_full_error)
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        status = 0
+        try:
+            cli.main()
+        except SystemExit as exit:
+            status = exit.code or 0
+        finally:
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:], root.level = handlers, level
+            GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
 
 
 def tiny_llama(layers: int = 3, heads: int = 6, kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:

@@ -49,6 +49,8 @@ CASES = {
 
 
 OFFLINE_MODEL = "kvtune-tests/no-such-model"  # shaped like a Hub id; with HF_HUB_OFFLINE=1 it cannot load
+# the end-to-end path in a fresh process: a check before Hydra composes, and one inside the Hydra task
+SUBPROCESS_CASES = ["budget_0", "missing_budget"]
 
 
 def _kvtune(args: list[str], **env) -> subprocess.CompletedProcess:
@@ -68,26 +70,46 @@ def latin1(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_cli_user_error_is_one_line_with_status_2(case, tmp_path, latin1):
+def _case(case: str, tmp_path, latin1) -> tuple[list[str], str]:
+    """The command line of a case (files filled in, the offline model added) and its expected message."""
     args, message = CASES[case]
     (tmp_path / "questions.txt").write_text("Who?\nWhen?\n")
     fill = {"latin1": latin1, "tmp": tmp_path, "questions": tmp_path / "questions.txt"}
     if args[0] in ("generate", "eval", "bench") and not any(a.startswith("model=") for a in args):
         args = [*args, f"model={OFFLINE_MODEL}"]  # loading it would fail otherwise: the check must come first
-    result = _kvtune([a.format(**fill) for a in args], HYDRA_FULL_ERROR="0")
-    command = args[0]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
+    return [a.format(**fill) for a in args], message.format(**fill)
+
+
+def _assert_one_line_status_2(command: str, status, stdout: str, stderr: str, message: str) -> None:
+    assert status == 2, stderr
+    assert "Traceback" not in stderr + stdout
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"kvtune {command}: error: ")
-    assert message.format(**fill) in lines[0]
+    assert message in lines[0]
 
 
-@pytest.mark.parametrize("budget", ["budget=null", "budget=0"])  # checked inside the Hydra task / before Hydra
-def test_hydra_full_error_still_shows_the_traceback(budget):
-    result = _kvtune(["generate", "method=snapkv", budget, "context=hi"], HYDRA_FULL_ERROR="1")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_user_error_is_one_line_with_status_2(case, tmp_path, latin1, kvtune_cli):
+    args, message = _case(case, tmp_path, latin1)
+    _assert_one_line_status_2(args[0], *kvtune_cli(args), message)
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_cli_user_error_in_a_fresh_process(case, tmp_path, latin1):
+    args, message = _case(case, tmp_path, latin1)
+    result = _kvtune(args, HYDRA_FULL_ERROR="0")
+    _assert_one_line_status_2(args[0], result.returncode, result.stdout, result.stderr, message)
+
+
+def test_hydra_full_error_still_shows_the_traceback():
+    # checked inside the Hydra task: the error travels through Hydra's own reporting
+    result = _kvtune(["generate", "method=snapkv", "budget=null", "context=hi"], HYDRA_FULL_ERROR="1")
     assert result.returncode != 0 and "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_hydra_full_error_raises_checks_made_before_hydra(kvtune_cli):
+    with pytest.raises(kvtune.UserError, match="budget must be at least 1 entry"):
+        kvtune_cli(["generate", "method=snapkv", "budget=0", "context=hi"], hydra_full_error="1")
 
 
 # ---- the Python API: the same messages, as exceptions ----------------------------------------------------------------

@@ -21,9 +21,9 @@ import kvtune
 from kvtune.bench import measure
 from kvtune.cache import KVCache
 from kvtune.cli import CONF_DIR
+from kvtune.eval import runner
 from kvtune.eval.job import run_eval_job
 from kvtune.eval.report import read_rows
-from kvtune.eval import runner
 from kvtune.eval.runner import chunked_nll, evaluate
 from kvtune.eval.tasks import build_task
 
@@ -100,7 +100,9 @@ def test_scoring_leaves_no_cache_alive(embedded_tokenizer, monkeypatch, method):
     ratio = None if method == "full" else 0.5
     progress = tqdm(disable=True)
     with torch.enable_grad():
-        row = runner._qa(model, tokenizer, task, samples, method, None, ratio, kwargs, ("leak",), 1, False, None, progress)
+        row = runner._qa(
+            model, tokenizer, task, samples, method, None, ratio, kwargs, ("leak",), 1, False, None, progress
+        )
     gc.collect()
     recordings = {id(batch.recording.cache) for batch in runner._recordings[("leak",)]}
     alive = [cache for ref in made if (cache := ref()) is not None and id(cache) not in recordings]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -307,6 +308,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also run kvpress's hook path once and compare")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--minutes", type=float, help="start no new sample after this many minutes")
+    parser.add_argument("--stop-at", type=float, help="start no new sample after this Unix time (for queued jobs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -339,7 +341,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
     unknown = sorted(set(args.methods) - set(kvtune.methods.available()))
     if unknown:
         raise SystemExit(f"unknown kvtune methods {unknown}")
-    stop_at = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
+    stop_at = min(time.time() + 60 * args.minutes if args.minutes else float("inf"), args.stop_at or float("inf"))
     model, tokenizer = kvtune.load_model("embedded")
     done = set()
     if per_sample.exists():
@@ -354,7 +356,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
     indices = args.indices if args.indices is not None else list(range(args.samples))
     for index in indices:
         for task_name in args.tasks:
-            if time.monotonic() > stop_at:
+            if time.time() > stop_at:
                 print(f"time is up: stopped before {task_name}[{index}]", file=sys.stderr)
                 return
             task = build_task(task_name)
@@ -362,6 +364,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
             gold = tokenizer(sample.answers[0], add_special_tokens=False).input_ids
             limit = getattr(task, "max_new_tokens", None) or len(gold) + 8
             key = ("compare_kvpress", task.name, args.context_length, args.samples, index)
+            started = time.time()
             for method, ratio in [("full", 0.0)] + [(m, r) for m in args.methods for r in args.ratios]:
                 if (task.name, index, method, ratio) in done:
                     continue
@@ -372,6 +375,8 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
                 row = {"task": task.name, "index": index, "method": method, "ratio": ratio}
                 row |= {k: result[k] for k in ("answer_nll", "score", "kv_bytes", "full_kv_bytes")}
                 write(row | {"answer": result["per_sample"][0]["answer"]})
+            print(f"{task.name}[{index}] kvtune: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+            started = time.time()
             presses = [p for p in args.presses if (task.name, index, f"kvpress:{p}", args.ratios[-1]) not in done]
             if presses:
                 prompt = tokenize_prompts(tokenizer, [sample.context], sample.question, sample.answer_prefix)
@@ -384,11 +389,12 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
                     text = tokenizer.decode(result["tokens"], skip_special_tokens=True)
                     row = {k: result[k] for k in ("task", "index", "method", "ratio", "answer_nll", "kv_bytes")}
                     write(row | {"score": task.score(text, sample), "answer": text, "full_kv_bytes": result["full"]})
+                print(f"{task.name}[{index}] kvpress: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def _kvpress(args: argparse.Namespace, presses: list[str], sample: dict, model_dir: Path) -> list[dict]:
     """Run one sample through kvpress's presses in the worker process; rows with the full cache's bytes."""
-    request_path = ROOT / "outputs" / "compare_kvpress_request.json"
+    request_path = ROOT / "outputs" / f"compare_kvpress_request.{os.getpid()}.json"  # parallel runs do not collide
     output_path = request_path.with_name("compare_kvpress_output.json")
     request_path.parent.mkdir(parents=True, exist_ok=True)
     request = {"model": str(model_dir), "presses": presses, "ratios": args.ratios, "samples": [sample]}

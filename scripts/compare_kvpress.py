@@ -116,11 +116,13 @@ def worker(request_path: str) -> None:
         return total
 
     @torch.no_grad()
-    def answer(cache, position: int, tail: list[int], gold: list[int], limit: int) -> dict:
+    def answer(cache, position: int, tail: list[int], gold: list[int], limit: int, last: torch.Tensor) -> dict:
+        """``last``: the prefill's last logits, what predicts the answer when there is no tail (continuation)."""
         held = storage(cache)
-        ids = torch.tensor([tail])
-        out = model(ids, past_key_values=cache, position_ids=torch.arange(position, position + len(tail))[None])
-        last, position = out.logits[:, -1], position + len(tail)
+        if tail:
+            ids, positions = torch.tensor([tail]), torch.arange(position, position + len(tail))[None]
+            last = model(ids, past_key_values=cache, position_ids=positions).logits[:, -1]
+            position += len(tail)
         scored = copy.deepcopy(cache)
         logits = last[:, None]
         if len(gold) > 1:
@@ -159,12 +161,12 @@ def worker(request_path: str) -> None:
         hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
         full = DynamicCache()
         with torch.no_grad():
-            model(input_ids=context, past_key_values=full)
+            last = model(input_ids=context, past_key_values=full, logits_to_keep=1).logits[:, -1]
         for hook in hooks:
             hook.remove()
         row = {k: sample[k] for k in ("task", "index")}
         results.append({**row, "method": "kvpress:full", "ratio": 0.0, **answer(copy.deepcopy(full), length,
-                       sample["tail"], sample["gold"], sample["limit"])})  # fmt: skip
+                       sample["tail"], sample["gold"], sample["limit"], last)})  # fmt: skip
         for name in [p for p in request["presses"] if p in presses]:
             for ratio in request["ratios"]:
                 press = presses[name](compression_ratio=ratio)
@@ -180,7 +182,7 @@ def worker(request_path: str) -> None:
                         model(input_ids=context, past_key_values=live)
                         same = all(torch.equal(a.keys, b.keys) for a, b in zip(live.layers, cache.layers))
                         print(f"check: replayed {name} equals the hook path: {same}", file=sys.stderr)
-                result = answer(cache, length, sample["tail"], sample["gold"], sample["limit"])
+                result = answer(cache, length, sample["tail"], sample["gold"], sample["limit"], last)
                 results.append({**row, "method": f"kvpress:{name}", "ratio": ratio, **result})
         if "kvzip" in request["presses"]:
             press = KVzipPress(compression_ratio=request["ratios"][0])
@@ -193,11 +195,12 @@ def worker(request_path: str) -> None:
             press.compress_post = keep_scores
             cache = DynamicCache()
             with torch.no_grad(), press(model):
-                model(input_ids=context, past_key_values=cache)
+                zipped_last = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits[:, -1]
             for ratio in request["ratios"]:
                 press.compression_ratio, press.score_val = ratio, kept["scores"].clone()
                 original_post(model)
-                result = answer(copy.deepcopy(cache), length, sample["tail"], sample["gold"], sample["limit"])
+                tail, gold, limit = sample["tail"], sample["gold"], sample["limit"]
+                result = answer(copy.deepcopy(cache), length, tail, gold, limit, zipped_last)
                 results.append({**row, "method": "kvpress:kvzip", "ratio": ratio, **result})
             clear_masks()
         print(f"done {row}", file=sys.stderr, flush=True)

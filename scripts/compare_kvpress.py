@@ -247,22 +247,56 @@ def _tables(means: dict[tuple, dict], ratios: list[float]) -> str:
                 )
             parts.append(f"| {method} | " + " | ".join(cells) + " |")
         parts.append("")
-    parts.append("### Best of each side (answer NLL, mean over tasks; lower is better)\n")
-    parts.append("| ratio | best kvtune | NLL | best kvpress | NLL | kvtune - kvpress |")
-    parts.append("|---|---|---|---|---|---|")
-    for ratio in ratios:
-        best = {}
-        for side in ("kvtune", "kvpress"):
-            names = {m for _, m, r in means if r == ratio and m.startswith("kvpress:") == (side == "kvpress")}
-            scored = {
-                m: sum(means[t, m, ratio]["answer_nll"] for t in tasks) / len(tasks)
-                for m in names
-                if all((t, m, ratio) in means for t in tasks)
-            }
-            best[side] = min(scored.items(), key=lambda kv: kv[1]) if scored else ("-", float("nan"))
-        (a, x), (b, y) = best["kvtune"], best["kvpress"]
-        parts.append(f"| {ratio} | {a} | {x:.3f} | {b} | {y:.3f} | {x - y:+.3f} |")
+    parts.append("### Best of each side per task (answer NLL; lower is better; mean: over tasks)\n")
+    parts.append("| task | ratio | best kvtune | NLL | best kvpress | NLL | kvtune - kvpress |")
+    parts.append("|---|---|---|---|---|---|---|")
+    for task in [*tasks, "mean"]:
+        for ratio in ratios:
+            (a, x), (b, y) = (_best(means, tasks if task == "mean" else [task], ratio, side) for side in SIDES)
+            parts.append(f"| {task} | {ratio} | {a} | {x:.3f} | {b} | {y:.3f} | {x - y:+.3f} |")
     return "\n".join(parts) + "\n"
+
+
+SIDES = ("kvtune", "kvpress")
+
+
+def _best(means: dict[tuple, dict], tasks: list[str], ratio: float, side: str) -> tuple[str, float]:
+    """The side's method with the lowest answer NLL at ``ratio``, averaged over ``tasks`` (methods all tasks have)."""
+    names = {m for _, m, r in means if r == ratio and m.startswith("kvpress:") == (side == "kvpress")}
+    scored = {
+        m: sum(means[t, m, ratio]["answer_nll"] for t in tasks) / len(tasks)
+        for m in names
+        if all((t, m, ratio) in means for t in tasks)
+    }
+    return min(scored.items(), key=lambda kv: kv[1]) if scored else ("-", float("nan"))
+
+
+def _plot_best(means: dict[tuple, dict], ratios: list[float], path: Path) -> None:
+    """Per task: each side's best method at each ratio (labelled), and the full cache's level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for t, _, _ in means})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        full = (means.get((task, "full", 0.0)) or {}).get("answer_nll")
+        if full is not None:
+            ax.axhline(full, color="black", linestyle=":", label="full cache")
+        for side, style in zip(SIDES, ("-o", "--s")):
+            best = [(r, *_best(means, [task], r, side)) for r in ratios]
+            best = [(r, m, y) for r, m, y in best if m != "-"]
+            ax.plot([r for r, _, _ in best], [y for _, _, y in best], style, label=f"{side} best")
+            for r, m, y in best:
+                ax.annotate(m.removeprefix("kvpress:"), (r, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.set_title(task)
+        ax.set_xlabel("compression ratio")
+        ax.set_ylabel("answer NLL (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _plot(means: dict[tuple, dict], ratios: list[float], path: Path) -> None:
@@ -324,8 +358,11 @@ def main() -> None:
     rows = [json.loads(line) for line in per_sample.read_text().splitlines() if line.strip()]
     means = _aggregate(rows)
     table = _tables(means, args.ratios)
-    (args.out / "results.md").write_text(f"![answer NLL against compression](results.png)\n\n{table}")
+    (args.out / "results.md").write_text(
+        f"![each side's best against compression](best.png)\n\n![every method](results.png)\n\n{table}"
+    )
     _plot(means, args.ratios, args.out / "results.png")
+    _plot_best(means, args.ratios, args.out / "best.png")
     print((args.out / "results.md").read_text())
 
 

@@ -427,6 +427,7 @@ def _answer(
     return [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
 
 
+@torch.no_grad()
 def greedy(
     model: PreTrainedModel,
     cache: KVCache,
@@ -435,7 +436,10 @@ def greedy(
     max_new_tokens: int,
     eos_token_id: int | None,
 ) -> list[list[int]]:
-    """Greedy decoding through ``cache``, one token per step, each row until EOS or ``max_new_tokens``."""
+    """Greedy decoding through ``cache``, one token per step, each row until EOS or ``max_new_tokens``.
+
+    Always without autograd: a decode step under autograd ties the cache's storage to a graph whose saved keys
+    point back at the cache, a cycle through C++ that Python's collector never frees."""
     answers: list[list[int]] = [[] for _ in range(logits.shape[0])]
     finished = torch.zeros(logits.shape[0], dtype=torch.bool)
     positions = mask.sum(dim=1, keepdim=True)

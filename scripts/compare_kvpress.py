@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -115,11 +116,13 @@ def worker(request_path: str) -> None:
         return total
 
     @torch.no_grad()
-    def answer(cache, position: int, tail: list[int], gold: list[int], limit: int) -> dict:
+    def answer(cache, position: int, tail: list[int], gold: list[int], limit: int, last: torch.Tensor) -> dict:
+        """``last``: the prefill's last logits, what predicts the answer when there is no tail (continuation)."""
         held = storage(cache)
-        ids = torch.tensor([tail])
-        out = model(ids, past_key_values=cache, position_ids=torch.arange(position, position + len(tail))[None])
-        last, position = out.logits[:, -1], position + len(tail)
+        if tail:
+            ids, positions = torch.tensor([tail]), torch.arange(position, position + len(tail))[None]
+            last = model(ids, past_key_values=cache, position_ids=positions).logits[:, -1]
+            position += len(tail)
         scored = copy.deepcopy(cache)
         logits = last[:, None]
         if len(gold) > 1:
@@ -158,12 +161,12 @@ def worker(request_path: str) -> None:
         hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
         full = DynamicCache()
         with torch.no_grad():
-            model(input_ids=context, past_key_values=full)
+            last = model(input_ids=context, past_key_values=full, logits_to_keep=1).logits[:, -1]
         for hook in hooks:
             hook.remove()
         row = {k: sample[k] for k in ("task", "index")}
         results.append({**row, "method": "kvpress:full", "ratio": 0.0, **answer(copy.deepcopy(full), length,
-                       sample["tail"], sample["gold"], sample["limit"])})  # fmt: skip
+                       sample["tail"], sample["gold"], sample["limit"], last)})  # fmt: skip
         for name in [p for p in request["presses"] if p in presses]:
             for ratio in request["ratios"]:
                 press = presses[name](compression_ratio=ratio)
@@ -179,7 +182,7 @@ def worker(request_path: str) -> None:
                         model(input_ids=context, past_key_values=live)
                         same = all(torch.equal(a.keys, b.keys) for a, b in zip(live.layers, cache.layers))
                         print(f"check: replayed {name} equals the hook path: {same}", file=sys.stderr)
-                result = answer(cache, length, sample["tail"], sample["gold"], sample["limit"])
+                result = answer(cache, length, sample["tail"], sample["gold"], sample["limit"], last)
                 results.append({**row, "method": f"kvpress:{name}", "ratio": ratio, **result})
         if "kvzip" in request["presses"]:
             press = KVzipPress(compression_ratio=request["ratios"][0])
@@ -192,11 +195,12 @@ def worker(request_path: str) -> None:
             press.compress_post = keep_scores
             cache = DynamicCache()
             with torch.no_grad(), press(model):
-                model(input_ids=context, past_key_values=cache)
+                zipped_last = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits[:, -1]
             for ratio in request["ratios"]:
                 press.compression_ratio, press.score_val = ratio, kept["scores"].clone()
                 original_post(model)
-                result = answer(copy.deepcopy(cache), length, sample["tail"], sample["gold"], sample["limit"])
+                tail, gold, limit = sample["tail"], sample["gold"], sample["limit"]
+                result = answer(copy.deepcopy(cache), length, tail, gold, limit, zipped_last)
                 results.append({**row, "method": "kvpress:kvzip", "ratio": ratio, **result})
             clear_masks()
         print(f"done {row}", file=sys.stderr, flush=True)
@@ -243,22 +247,56 @@ def _tables(means: dict[tuple, dict], ratios: list[float]) -> str:
                 )
             parts.append(f"| {method} | " + " | ".join(cells) + " |")
         parts.append("")
-    parts.append("### Best of each side (answer NLL, mean over tasks; lower is better)\n")
-    parts.append("| ratio | best kvtune | NLL | best kvpress | NLL | kvtune - kvpress |")
-    parts.append("|---|---|---|---|---|---|")
-    for ratio in ratios:
-        best = {}
-        for side in ("kvtune", "kvpress"):
-            names = {m for _, m, r in means if r == ratio and m.startswith("kvpress:") == (side == "kvpress")}
-            scored = {
-                m: sum(means[t, m, ratio]["answer_nll"] for t in tasks) / len(tasks)
-                for m in names
-                if all((t, m, ratio) in means for t in tasks)
-            }
-            best[side] = min(scored.items(), key=lambda kv: kv[1]) if scored else ("-", float("nan"))
-        (a, x), (b, y) = best["kvtune"], best["kvpress"]
-        parts.append(f"| {ratio} | {a} | {x:.3f} | {b} | {y:.3f} | {x - y:+.3f} |")
+    parts.append("### Best of each side per task (answer NLL; lower is better; mean: over tasks)\n")
+    parts.append("| task | ratio | best kvtune | NLL | best kvpress | NLL | kvtune - kvpress |")
+    parts.append("|---|---|---|---|---|---|---|")
+    for task in [*tasks, "mean"]:
+        for ratio in ratios:
+            (a, x), (b, y) = (_best(means, tasks if task == "mean" else [task], ratio, side) for side in SIDES)
+            parts.append(f"| {task} | {ratio} | {a} | {x:.3f} | {b} | {y:.3f} | {x - y:+.3f} |")
     return "\n".join(parts) + "\n"
+
+
+SIDES = ("kvtune", "kvpress")
+
+
+def _best(means: dict[tuple, dict], tasks: list[str], ratio: float, side: str) -> tuple[str, float]:
+    """The side's method with the lowest answer NLL at ``ratio``, averaged over ``tasks`` (methods all tasks have)."""
+    names = {m for _, m, r in means if r == ratio and m.startswith("kvpress:") == (side == "kvpress")}
+    scored = {
+        m: sum(means[t, m, ratio]["answer_nll"] for t in tasks) / len(tasks)
+        for m in names
+        if all((t, m, ratio) in means for t in tasks)
+    }
+    return min(scored.items(), key=lambda kv: kv[1]) if scored else ("-", float("nan"))
+
+
+def _plot_best(means: dict[tuple, dict], ratios: list[float], path: Path) -> None:
+    """Per task: each side's best method at each ratio (labelled), and the full cache's level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for t, _, _ in means})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        full = (means.get((task, "full", 0.0)) or {}).get("answer_nll")
+        if full is not None:
+            ax.axhline(full, color="black", linestyle=":", label="full cache")
+        for side, style in zip(SIDES, ("-o", "--s")):
+            best = [(r, *_best(means, [task], r, side)) for r in ratios]
+            best = [(r, m, y) for r, m, y in best if m != "-"]
+            ax.plot([r for r, _, _ in best], [y for _, _, y in best], style, label=f"{side} best")
+            for r, m, y in best:
+                ax.annotate(m.removeprefix("kvpress:"), (r, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.set_title(task)
+        ax.set_xlabel("compression ratio")
+        ax.set_ylabel("answer NLL (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _plot(means: dict[tuple, dict], ratios: list[float], path: Path) -> None:
@@ -307,6 +345,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also run kvpress's hook path once and compare")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--minutes", type=float, help="start no new sample after this many minutes")
+    parser.add_argument("--stop-at", type=float, help="start no new sample after this Unix time (for queued jobs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -319,8 +358,11 @@ def main() -> None:
     rows = [json.loads(line) for line in per_sample.read_text().splitlines() if line.strip()]
     means = _aggregate(rows)
     table = _tables(means, args.ratios)
-    (args.out / "results.md").write_text(f"![answer NLL against compression](results.png)\n\n{table}")
+    (args.out / "results.md").write_text(
+        f"![each side's best against compression](best.png)\n\n![every method](results.png)\n\n{table}"
+    )
     _plot(means, args.ratios, args.out / "results.png")
+    _plot_best(means, args.ratios, args.out / "best.png")
     print((args.out / "results.md").read_text())
 
 
@@ -339,7 +381,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
     unknown = sorted(set(args.methods) - set(kvtune.methods.available()))
     if unknown:
         raise SystemExit(f"unknown kvtune methods {unknown}")
-    stop_at = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
+    stop_at = min(time.time() + 60 * args.minutes if args.minutes else float("inf"), args.stop_at or float("inf"))
     model, tokenizer = kvtune.load_model("embedded")
     done = set()
     if per_sample.exists():
@@ -354,7 +396,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
     indices = args.indices if args.indices is not None else list(range(args.samples))
     for index in indices:
         for task_name in args.tasks:
-            if time.monotonic() > stop_at:
+            if time.time() > stop_at:
                 print(f"time is up: stopped before {task_name}[{index}]", file=sys.stderr)
                 return
             task = build_task(task_name)
@@ -362,6 +404,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
             gold = tokenizer(sample.answers[0], add_special_tokens=False).input_ids
             limit = getattr(task, "max_new_tokens", None) or len(gold) + 8
             key = ("compare_kvpress", task.name, args.context_length, args.samples, index)
+            started = time.time()
             for method, ratio in [("full", 0.0)] + [(m, r) for m in args.methods for r in args.ratios]:
                 if (task.name, index, method, ratio) in done:
                     continue
@@ -372,6 +415,8 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
                 row = {"task": task.name, "index": index, "method": method, "ratio": ratio}
                 row |= {k: result[k] for k in ("answer_nll", "score", "kv_bytes", "full_kv_bytes")}
                 write(row | {"answer": result["per_sample"][0]["answer"]})
+            print(f"{task.name}[{index}] kvtune: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+            started = time.time()
             presses = [p for p in args.presses if (task.name, index, f"kvpress:{p}", args.ratios[-1]) not in done]
             if presses:
                 prompt = tokenize_prompts(tokenizer, [sample.context], sample.question, sample.answer_prefix)
@@ -384,11 +429,12 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
                     text = tokenizer.decode(result["tokens"], skip_special_tokens=True)
                     row = {k: result[k] for k in ("task", "index", "method", "ratio", "answer_nll", "kv_bytes")}
                     write(row | {"score": task.score(text, sample), "answer": text, "full_kv_bytes": result["full"]})
+                print(f"{task.name}[{index}] kvpress: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def _kvpress(args: argparse.Namespace, presses: list[str], sample: dict, model_dir: Path) -> list[dict]:
     """Run one sample through kvpress's presses in the worker process; rows with the full cache's bytes."""
-    request_path = ROOT / "outputs" / "compare_kvpress_request.json"
+    request_path = ROOT / "outputs" / f"compare_kvpress_request.{os.getpid()}.json"  # parallel runs do not collide
     output_path = request_path.with_name("compare_kvpress_output.json")
     request_path.parent.mkdir(parents=True, exist_ok=True)
     request = {"model": str(model_dir), "presses": presses, "ratios": args.ratios, "samples": [sample]}

@@ -3,20 +3,25 @@ compression, results and reports are written, and `kvtune bench` measures what t
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 from hydra import compose, initialize_config_dir
+from tqdm import tqdm
 
 import kvtune
 from kvtune.bench import measure, with_ratios
+from kvtune.cache import KVCache
 from kvtune.cli import CONF_DIR
+from kvtune.eval import runner
 from kvtune.eval.job import run_eval_job
 from kvtune.eval.report import read_rows
 from kvtune.eval.runner import chunked_nll, evaluate
@@ -65,6 +70,45 @@ def test_full_cache_scores_its_gold_answers(embedded):
     assert row["score"] == 1.0
     assert row["answer_nll"] < 0.5  # the key's digits are near certain with the whole context
     assert row["kv_bytes"] == pytest.approx(row["full_kv_bytes"])
+
+
+@pytest.mark.parametrize("method", ["full", "tova", "kvzip"])
+def test_scoring_leaves_no_cache_alive(embedded_tokenizer, monkeypatch, method):
+    """Every cache `_qa` makes is freed when it returns, even when called with autograd on (as scripts do): a
+    decode under autograd tied the cache's storage to a graph that pointed back at the cache, a cycle through
+    C++ that Python's collector cannot see, so each call kept ~1 GB alive at 2K tokens."""
+    tokenizer = embedded_tokenizer
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    task = build_task("passkey")
+    samples = task.samples(tokenizer, 200, 1, seed=0)
+    made: list[weakref.ref] = []
+    deepcopy, init = KVCache.__deepcopy__, KVCache.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    def tracked_deepcopy(self, memo):
+        clone = deepcopy(self, memo)
+        made.append(weakref.ref(clone))
+        return clone
+
+    monkeypatch.setattr(KVCache, "__init__", tracked_init)
+    monkeypatch.setattr(KVCache, "__deepcopy__", tracked_deepcopy)
+    kwargs = {"prompt": [5, 11, 17]} if method == "kvzip" else {}
+    ratio = None if method == "full" else 0.5
+    progress = tqdm(disable=True)
+    with torch.enable_grad():
+        row = runner._qa(
+            model, tokenizer, task, samples, method, None, ratio, kwargs, ("leak",), 1, False, None, progress
+        )
+    gc.collect()
+    recordings = {id(batch.recording.cache) for batch in runner._recordings[("leak",)]}
+    alive = [cache for ref in made if (cache := ref()) is not None and id(cache) not in recordings]
+    runner._recordings.clear()
+    assert len(made) > len(recordings) and row["kv_bytes"] > 0
+    assert alive == []
 
 
 def test_chunked_nll_without_compression_matches_one_forward():
@@ -184,5 +228,5 @@ def test_bench_ratios_come_from_each_groups_full_and_reference():
     snapkv = table[2]
     assert (snapkv["prefill_ratio"], snapkv["decode_ratio"], snapkv["decode_vs_reference"]) == (1.5, 2.25, 0.9)
     assert (snapkv["kv_ratio"], snapkv["peak_ratio"]) == (0.125, 0.5)
-    assert table[4]["decode_vs_reference"] is None and table[4]["prefill_ratio"] == 1.0  # the 128 group has no reference
+    assert table[4]["decode_vs_reference"] is None and table[4]["prefill_ratio"] == 1.0  # no reference there
     assert "prefill_ratio" not in early  # copies: the measured rows stay raw

@@ -7,6 +7,7 @@ import copy
 import gc
 import types
 import weakref
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ class _PerLayer:
 
 ROUTERS = [m for m in training_free() if m.startswith("lighttransfer")]
 # kvzip selects after the whole prefill, over every layer at once (Policy.after_prefill), so it cannot take a share of
-# the layers here; its storage is checked on a tiny model in tests/test_kvzip.py
+# the layers here: it has its own test below
 PER_LAYER = [m for m in training_free() if m not in ROUTERS and m not in ("full", "kvzip")]
 LENGTH, BUDGET = 4096, 256
 
@@ -150,21 +151,29 @@ def test_storage_after_a_4k_prefill_every_layer_method(embedded, long_ids):
         assert reachable_storage(layer) <= 1.1 * layer_full * target / LENGTH, (method, index)
 
 
+@contextmanager
+def _first_layers(model, count: int):
+    """The model cut to its first ``count`` decoder layers (cross-layer methods at 4K for a fraction of the cost)."""
+    decoder, config = model.model, model.config
+    layers, total = decoder.layers, config.num_hidden_layers
+    decoder.layers, config.num_hidden_layers = layers[:count], count
+    try:
+        yield
+    finally:
+        decoder.layers, config.num_hidden_layers = layers, total
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ROUTERS)
 def test_storage_after_a_4k_prefill_routers(embedded, long_ids, method):
     """LightTransfer decides across layers: each router runs live on the first 4 layers of the embedded model."""
     model, _ = embedded
-    decoder, config = model.model, model.config
-    layers, count = decoder.layers, config.num_hidden_layers
-    decoder.layers, config.num_hidden_layers = layers[:4], 4
-    try:
+    config = model.config
+    with _first_layers(model, 4):
         cache = kvtune.KVCache(4, build(method, budget=BUDGET))
         kvtune.api.use_kvtune_attention(model)
         with torch.no_grad():
             prefill(model, cache, long_ids, torch.ones_like(long_ids))
-    finally:
-        decoder.layers, config.num_hidden_layers = layers, count
     heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     lazy = cache.policy_state["lazy"]
     held = sum(int(n.sum()) for n in cache.lengths())
@@ -179,3 +188,20 @@ def test_storage_bytes_counts_what_views_pin():
     base = torch.zeros(100)
     assert sum(storage_bytes([base, base[:10], base[:0]]).values()) == 400  # a zero-length view pins it all
     assert sum(storage_bytes([base[:0].clone(), torch.zeros(3), None]).values()) == 12
+
+
+@pytest.mark.slow
+def test_storage_after_a_4k_prefill_kvzip(embedded, long_ids):
+    """kvzip ranks every layer's entries at once after the prefill and its two-chunk reconstruction pass (2,048
+    tokens a chunk): live on the first 4 layers of the embedded model (the whole model costs ~5x a 4K prefill)."""
+    model, _ = embedded
+    config = model.config
+    with _first_layers(model, 4):
+        cache = kvtune.new_cache(model, build("kvzip", budget=BUDGET))
+        with torch.no_grad():
+            prefill(model, cache, long_ids, torch.ones_like(long_ids))
+    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    held = [int(n.sum()) for n in cache.lengths()]
+    assert sum(held) == 4 * heads * BUDGET  # the layers' summed budget, split between them by the scores
+    assert len(set(held)) > 1  # ragged: the global ranking did split it unevenly
+    assert reachable_storage(cache) <= 1.1 * _kv_bytes(1, 1, heads, 1, head_dim) * 4 * heads * BUDGET

@@ -206,3 +206,19 @@ def test_training_text_is_held_out_from_evaluation_text():
 
     train, evaluation = set(corpus_documents("stdlib_train")), set(corpus_documents("stdlib"))
     assert len(train) == 20 and len(evaluation) == 16 and not train & evaluation
+
+
+def test_continuation_splits_a_corpus_window_into_context_and_answer(embedded_tokenizer):
+    task = build_task("continuation", continuation=64)
+    samples = task.samples(embedded_tokenizer, 1024, 3, seed=0)
+    windows = build_task("perplexity").samples(embedded_tokenizer, 1024, 3, seed=0)
+    for sample, window in zip(samples, windows):
+        assert sample.context + sample.answers[0] == window.context  # the answer is what follows the context
+        assert abs(len(embedded_tokenizer(sample.answers[0], add_special_tokens=False).input_ids) - 64) <= 2
+        assert abs(prompt_tokens(embedded_tokenizer, sample) - (1024 - 64)) <= 0.02 * 1024
+        words = sample.answers[0].split()
+        assert task.score(sample.answers[0], sample) == 1.0
+        assert task.score(" ".join(words[:2] + ["\x00"]), sample) == pytest.approx(2 / 5)
+        assert task.score(" I do not know.", sample) == 0.0
+    with pytest.raises(ValueError, match="twice the continuation"):
+        task.samples(embedded_tokenizer, 100, 1, seed=0)

@@ -174,6 +174,7 @@ def _compressed_batches(
         yield _Compressed(chunk, cache, logits, mask, prompt.tails, _full_bytes(model, ids.shape[1]), seconds)
 
 
+@torch.no_grad()
 def _qa(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -57,3 +57,41 @@ class Perplexity:
 
     def score(self, prediction: str, sample: Sample) -> float:
         raise NotImplementedError("perplexity is scored from token log-likelihoods by the runner, not from answers")
+
+
+@register_task("continuation")
+class Continuation:
+    """Question-agnostic continuation perplexity: a window of natural text whose first part is the context (compressed)
+    and whose last ``continuation`` tokens are the answer, so the answer NLL is the log-perplexity of what follows the
+    compressed context. Unlike `perplexity`, the context is compressed once, like a question-answering task's, so any
+    method that compresses a prefill (kvpress's presses too) is scored the same way.
+
+    ``score`` is the fraction of the continuation's first ``words`` words the greedy answer reproduces in order.
+    """
+
+    name = "continuation"
+    max_new_tokens = 16
+
+    def __init__(self, corpus: str | None = None, continuation: int = 64, words: int = 5) -> None:
+        if continuation < 1 or words < 1:
+            raise ValueError(f"continuation and words must be at least 1, got {continuation} and {words}")
+        self.corpus, self.continuation, self.words = corpus, continuation, words
+
+    def samples(self, tokenizer: PreTrainedTokenizerBase, context_length: int, n: int, seed: int) -> list[Sample]:
+        if context_length <= 2 * self.continuation:
+            raise ValueError(f"context_length {context_length} must exceed twice the continuation {self.continuation}")
+        windows = Perplexity(self.corpus, chunk=self.continuation).samples(tokenizer, context_length, n, seed)
+        items = []
+        for window in windows:
+            ids = window.meta["input_ids"]
+            head, tail = ids[: -self.continuation], ids[-self.continuation :]
+            context, answer = tokenizer.decode(head), tokenizer.decode(tail)
+            items.append(
+                Sample(context=context, question="", answer_prefix="", answers=[answer], meta={"input_ids": ids})
+            )
+        return items
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        gold, said = sample.answers[0].split()[: self.words], prediction.split()
+        matched = next((i for i, (a, b) in enumerate(zip(gold, said)) if a != b), min(len(gold), len(said)))
+        return matched / len(gold) if gold else 0.0

@@ -2,7 +2,8 @@
 
     python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:4 untrained:0 run:RUN_DIR ... \
         --out docs/results/hybrid/quality.jsonl [--perplexity-samples 4] [--passkey-samples 5]
-    python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:0 --decode 4096 8192 --out ...
+
+Decode speed and cache bytes of full against the hybrid: ``kvtune bench methods=[full] hybrid=[PLAN.json]``.
 
 ``untrained:S`` is the plan's lazy layers with S sinks and the plan's window; ``run:DIR`` a `kvtune fit` hybrid run
 (its plan.json and LoRA adapter, merged). Each row is appended to ``--out`` as soon as it is measured.
@@ -20,7 +21,7 @@ from peft import PeftModel
 
 import kvtune
 from kvtune.hybrid import LayerPlan, apply_plan
-from kvtune.hybrid.measure import answer_nll, decode_rows, perplexity
+from kvtune.hybrid.measure import answer_nll, perplexity
 
 
 def build(spec: str, plan_path: str):
@@ -82,8 +83,6 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=4096)
     parser.add_argument("--perplexity-samples", type=int, default=4)
     parser.add_argument("--passkey-samples", type=int, default=5)
-    parser.add_argument("--decode", type=int, nargs="*", default=None, help="context lengths: decode speed instead")
-    parser.add_argument("--decode-tokens", type=int, default=32)
     args = parser.parse_args()
     out = Path(args.out)
     if args.table:
@@ -93,14 +92,11 @@ def main() -> None:
     for spec in args.rows:
         model, tokenizer, plan, label = build(spec, args.plan)
         start = time.perf_counter()
-        if args.decode:
-            rows = decode_rows(model, tokenizer, plan, label, args.decode, args.decode_tokens)
-        else:
-            rows = [
-                perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
-                answer_nll(model, tokenizer, plan, "passkey", args.context_length, args.passkey_samples),
-            ]
-        if spec.startswith("run:") and not args.decode:  # the model card of `kvtune export --hybrid` quotes these
+        rows = [
+            perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
+            answer_nll(model, tokenizer, plan, "passkey", args.context_length, args.passkey_samples),
+        ]
+        if spec.startswith("run:"):  # the model card of `kvtune export --hybrid` quotes these
             measured = {
                 f"{r['task']} answer NLL at {args.context_length} tokens": round(r["answer_nll"], 4) for r in rows
             }

@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvtune
 from kvtune.api import cache_kwargs
+from kvtune.attention import attention_modules
+from kvtune.bench import bench, markdown_table
 from kvtune.cli import CONF_DIR
 from kvtune.hybrid import LayerPlan, PlanMismatchError, apply_plan, hybrid_cache, load_hybrid
 from kvtune.hybrid.attention import Streaming, cache_storage_bytes, flex_streaming, sink_merge, streaming_mask
@@ -439,3 +441,22 @@ def test_fit_trains_lora_with_the_plan_and_resumes_exactly(tmp_path, embedded_to
     hybrid = load_hybrid(_toy_base(embedded_tokenizer), tmp_path / "a" / "adapter")
     modules = [layer.self_attn for layer in hybrid.model.layers]
     assert [m.kvtune_streaming for m in modules] == [None, Streaming(window=8, sinks=2)]
+
+
+# ---- kvtune bench: full and hybrid rows in one run -------------------------------------------------------------------
+def test_bench_adds_a_hybrid_row_whose_cache_is_the_plans_arithmetic(embedded_tokenizer):
+    model = _toy_base(embedded_tokenizer)  # 2 layers, 2 KV heads of 8 dims, float32
+    stock = model.config._attn_implementation
+    plan = LayerPlan("toy", 2, (1,), window=16, sinks=2)
+    rows = bench(model, embedded_tokenizer, ["full"], [], [96, 160], [1], decode_tokens=3, plans=[plan])
+    by_length = {(r["method"], r["context_length"]): r for r in rows}
+    assert set(by_length) == {(m, n) for m in ("full", "hybrid") for n in (96, 160)}
+    for length in (96, 160):
+        full, hybrid = by_length["full", length], by_length["hybrid", length]
+        assert full["kv_bytes"] == 2 * 2 * length * 2 * 8 * 4  # keys and values, 2 layers
+        assert hybrid["kv_bytes"] == plan.kv_bytes(length, kv_heads=2, head_dim=8, itemsize=4)
+        assert hybrid["kv_ratio"] == pytest.approx((length + 2 + 16 - 1) / (2 * length))
+        assert hybrid["plan"] == "1/2 layers W=16 sinks=2" and hybrid["decode_tok_s"] > 0
+    assert model.config._attn_implementation == stock  # the stock model is restored after the hybrid rows
+    assert all(getattr(m, "kvtune_streaming", None) is None for m in attention_modules(model))
+    assert "1/2 layers W=16 sinks=2" in markdown_table(rows)

@@ -25,6 +25,7 @@ from kvtune.hybrid.calibrate import layer_scores
 from kvtune.hybrid.export import export_hybrid, hybrid_config, to_hybrid_model
 from kvtune.hybrid.fit import fit_hybrid
 from kvtune.hybrid.plan import plan_from_scores
+from kvtune.train.export import export
 from tests.conftest import tiny_llama
 from tests.test_fit import CtrlC
 
@@ -460,3 +461,45 @@ def test_bench_adds_a_hybrid_row_whose_cache_is_the_plans_arithmetic(embedded_to
     assert model.config._attn_implementation == stock  # the stock model is restored after the hybrid rows
     assert all(getattr(m, "kvtune_streaming", None) is None for m in attention_modules(model))
     assert "1/2 layers W=16 sinks=2" in markdown_table(rows)
+
+
+# ---- plans on the command line and with exported adapters ------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvtune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["bench", "fit"])
+def test_a_plan_for_another_model_or_no_plan_is_refused_in_one_line_before_loading(tmp_path, command):
+    other = _plan(layers=30, model_id="other").save(tmp_path / "other.json")
+    option = {"bench": "hybrid=[{}]", "fit": "lighttransfer.plan={}"}[command]
+    extra = ["recipe=lighttransfer_quickstart", f"hydra.run.dir={tmp_path / 'run'}"] if command == "fit" else []
+    for path, message in ((other, "calibrated for 'other', not 'embedded'"), (tmp_path / "no.json", "no layer plan")):
+        result = _cli(command, option.format(path), *extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_bench_refuses_a_plan_with_another_layer_count(tmp_path, embedded_tokenizer):
+    tiny_llama(layers=4).save_pretrained(tmp_path / "base")
+    embedded_tokenizer.save_pretrained(tmp_path / "base")
+    plan = LayerPlan(str(tmp_path / "base"), 5, (1,), window=8).save(tmp_path / "plan.json")
+    result = _cli("bench", f"model={tmp_path / 'base'}", f"hybrid=[{plan}]", "context_lengths=[64]", "budgets=[8]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "with 5 layers; this model has 4" in result.stderr.strip().splitlines()[-1]
+
+
+def test_export_carries_the_plan_and_load_adapter_applies_it(tmp_path, embedded_tokenizer):
+    plan = LayerPlan(str(tmp_path / "base"), 4, (1, 3), window=7, sinks=2)
+    run = _trained_run(tmp_path, plan, embedded_tokenizer)
+    _with_plan(run)
+    out = export(run, tmp_path / "out")
+    assert LayerPlan.load(out / "plan.json") == plan
+    assert "layers [1, 3] of 4 attend to 2 sinks + a 7-token sliding window" in (out / "README.md").read_text()
+    adapter = kvtune.load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), out)
+    streaming = [getattr(m, "kvtune_streaming", None) for m in attention_modules(adapter.get_base_model())]
+    assert streaming == [None, Streaming(7, 2), None, Streaming(7, 2)]
+    merged = load_hybrid(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), run / "adapter")
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)

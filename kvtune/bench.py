@@ -6,7 +6,9 @@ Rows per (context length, batch size):
   ratio includes what kvtune itself costs;
 * ``reference``: the same model whose whole context is ``budget`` tokens, with an ordinary cache: the decode speed
   a compressed cache of that budget should reach;
-* every method x budget x prefill chunk (``None``: one-shot prefill).
+* every method x budget x prefill chunk (``None``: one-shot prefill);
+* ``hybrid``, one row per LightTransfer layer plan given (`kvtune.hybrid`): the same weights with the plan's lazy
+  layers attending to sinks + a sliding window, decoding through a cache that keeps only that on those layers.
 
 Figures: prefill seconds, decode tokens/s, the storage the cache keeps alive after prefill (deduplicated
 ``untyped_storage`` bytes), peak memory during prefill (RSS above the level at its start on CPU,
@@ -23,6 +25,7 @@ import ctypes.util
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import psutil
@@ -32,7 +35,11 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from kvtune.api import cache_kwargs, new_cache, prefill
 from kvtune.cache import KVCache, storage_bytes
 from kvtune.eval.corpus import corpus_text
+from kvtune.hybrid.attention import hybrid_cache, planned
+from kvtune.hybrid.plan import LayerPlan
 from kvtune.methods import build
+
+HYBRID = "hybrid"
 
 MMAP_THRESHOLD = 1 << 20  # allocations above 1 MiB get their own mapping, returned to the OS when freed
 
@@ -117,48 +124,55 @@ def measure(
     budget: int | None,
     decode_tokens: int,
     prefill_chunk: int | None = None,
+    plan: LayerPlan | None = None,
 ) -> dict[str, Any]:
     """One configuration: prefill ``input_ids`` (in chunks of ``prefill_chunk``), then decode greedily.
 
-    ``full`` and ``reference`` run the stock model with a `DynamicCache`; every other method a compressing
-    `KVCache`.
+    ``full`` and ``reference`` run the stock model with a `DynamicCache`; ``hybrid`` the model as ``plan``'s hybrid
+    (restored after) with its bounded cache; every other method a compressing `KVCache`.
     """
     device = model.device
+    if (method == HYBRID) != (plan is not None):
+        raise ValueError("a layer plan goes with method 'hybrid', and only with it")
     stock = method in ("full", "reference")
-    policy = None if stock else build(method, budget=budget)
+    policy = None if stock or plan is not None else build(method, budget=budget)
     spent = [0.0]
     if policy is not None:  # instance attributes shadow the class's hooks, which the attention backend looks up
         policy.on_prefill = _timed(policy.on_prefill, spent)
-    cache = DynamicCache(config=model.config) if stock else new_cache(model, policy)
-    mask = torch.ones_like(input_ids)
-    with PeakMemory(device) as peak:
-        synchronize(device)
+    with planned(model, plan) if plan is not None else nullcontext():
+        if plan is not None:
+            cache = hybrid_cache(model)
+        else:
+            cache = DynamicCache(config=model.config) if stock else new_cache(model, policy)
+        mask = torch.ones_like(input_ids)
+        with PeakMemory(device) as peak:
+            synchronize(device)
+            start = time.perf_counter()
+            logits, mask = prefill(model, cache, input_ids, mask, chunk=prefill_chunk)
+            synchronize(device)
+            prefill_seconds = time.perf_counter() - start
+        if policy is not None:
+            cache.prefilling = False
+        kv_bytes = _cache_bytes(cache)
+        positions = mask.sum(dim=1, keepdim=True)
         start = time.perf_counter()
-        logits, mask = prefill(model, cache, input_ids, mask, chunk=prefill_chunk)
+        for _ in range(decode_tokens):
+            token = logits.argmax(dim=-1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(
+                input_ids=token,
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                **cache_kwargs(model, cache),
+                use_cache=True,
+            )
+            logits, positions = out.logits[:, -1], positions + 1
         synchronize(device)
-        prefill_seconds = time.perf_counter() - start
-    if not stock:
-        cache.prefilling = False
-    kv_bytes = _cache_bytes(cache)
-    positions = mask.sum(dim=1, keepdim=True)
-    start = time.perf_counter()
-    for _ in range(decode_tokens):
-        token = logits.argmax(dim=-1, keepdim=True)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=token,
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            **cache_kwargs(model, cache),
-            use_cache=True,
-        )
-        logits, positions = out.logits[:, -1], positions + 1
-    synchronize(device)
-    decode_seconds = time.perf_counter() - start
+        decode_seconds = time.perf_counter() - start
     batch = input_ids.shape[0]
     return {
         "method": method,
-        "budget": None if method == "full" else budget,
+        "budget": None if method in ("full", HYBRID) else budget,
         "context_length": input_ids.shape[1],
         "batch_size": batch,
         "prefill_chunk": prefill_chunk,
@@ -167,7 +181,13 @@ def measure(
         "kv_bytes": kv_bytes,
         "peak_bytes": peak.peak,
         "overhead_pct": 100.0 * spent[0] / prefill_seconds,
+        **({"plan": plan_label(plan)} if plan is not None else {}),
     }
+
+
+def plan_label(plan: LayerPlan) -> str:
+    """What a hybrid row keeps, for its table cell: sliding layers, window and sinks."""
+    return f"{len(plan.lazy_layers)}/{plan.num_layers} layers W={plan.window} sinks={plan.sinks}"
 
 
 def _input_ids(tokenizer: PreTrainedTokenizerBase, length: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -187,9 +207,11 @@ def bench(
     decode_tokens: int = 32,
     prefill_chunks: list[int | None] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    plans: list[LayerPlan] | None = None,
 ) -> list[dict[str, Any]]:
     """Every configuration, with ratios against stock `full` (and decode against the ``budget``-token reference)
-    of the same context length and batch size. ``progress`` sees each raw row as soon as it is measured."""
+    of the same context length and batch size, plus a ``hybrid`` row per layer plan in ``plans``. ``progress``
+    sees each raw row as soon as it is measured."""
     report = progress or (lambda row: None)
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be at least 1, got {decode_tokens}")
@@ -203,6 +225,10 @@ def bench(
     warm = _input_ids(tokenizer, 16, 1, model.device)
     measure(model, warm, "full", None, 2)  # first-call costs (allocator, kernels) stay out of the table
     measure(model, warm, methods[-1] if methods[-1] != "full" else "snapkv", 8, 2)
+    plans = list(plans or [])
+    for plan in plans:
+        plan.check_model(model)
+        measure(model, warm, HYBRID, None, 2, plan=plan)
     rows = []
     for length in context_lengths:
         for batch in batch_sizes:
@@ -217,6 +243,10 @@ def bench(
                     for chunk in prefill_chunks:
                         rows.append(measure(model, ids, method, budget, decode_tokens, chunk))
                         report(rows[-1])
+            for plan in plans:
+                for chunk in prefill_chunks:
+                    rows.append(measure(model, ids, HYBRID, None, decode_tokens, chunk, plan=plan))
+                    report(rows[-1])
     return with_ratios(rows)
 
 
@@ -259,7 +289,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             "" if r["decode_vs_reference"] is None or r["method"] == "reference" else f"{r['decode_vs_reference']:.2f}"
         )
         lines.append(
-            f"| {r['method']} | {r['budget'] or 'all'} | {r['context_length']} | {r['batch_size']} "
+            f"| {r['method']} | {r.get('plan') or r['budget'] or 'all'} | {r['context_length']} | {r['batch_size']} "
             f"| {r['prefill_chunk'] or '-'} | {r['prefill_s']:.2f} ({r['prefill_ratio']:.2f}) "
             f"| {r['decode_tok_s']:.1f} ({r['decode_ratio']:.2f}) | {versus} "
             f"| {r['kv_bytes'] / 2**20:.1f} ({r['kv_ratio']:.3f}) "

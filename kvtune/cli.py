@@ -127,10 +127,14 @@ def run_bench(cfg) -> list[dict]:
     for budget in cfg.budgets:
         check_budget(budget)
 
+    plans = [load_plan(path, cfg.model) for path in cfg.hybrid]
+
     import kvtune
     from kvtune.bench import bench, markdown_table, with_ratios
 
     model, tokenizer = kvtune.load_model(cfg.model, dtype=cfg.dtype)
+    for plan in plans:
+        check_plan(plan, model)
     measured: list[dict] = []
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
 
@@ -149,11 +153,35 @@ def run_bench(cfg) -> list[dict]:
         cfg.decode_tokens,
         list(cfg.prefill_chunks),
         progress=keep,
+        plans=plans,
     )
     Path(cfg.output).write_text(json.dumps(rows, indent=2))
     print(markdown_table(rows))
     print(f"wrote {cfg.output}")
     return rows
+
+
+def load_plan(path: str, model_id: str):
+    """The layer plan at ``path``, refused in one line if it is unreadable or was calibrated for another model."""
+    from kvtune.hybrid.plan import LayerPlan
+
+    try:
+        plan = LayerPlan.load(path)
+    except (FileNotFoundError, ValueError, TypeError) as error:  # TypeError: a key missing from the record
+        raise UserError(f"layer plan {path}: {error}") from error
+    if plan.model_id != model_id:
+        raise UserError(f"layer plan {path} was calibrated for {plan.model_id!r}, not {model_id!r}")
+    return plan
+
+
+def check_plan(plan, model) -> None:
+    """Refuse (in one line) a plan whose layer count is not the loaded model's."""
+    from kvtune.hybrid.plan import PlanMismatchError
+
+    try:
+        plan.check_model(model)
+    except PlanMismatchError as error:
+        raise UserError(str(error)) from error
 
 
 def run_export(argv: list[str]) -> None:
@@ -202,9 +230,16 @@ def run_fit(cfg) -> dict:
 
     if cfg.lighttransfer is not None:
         from kvtune.hybrid.fit import fit_hybrid
+        from kvtune.hybrid.plan import PlanMismatchError
 
-        fit = fit_hybrid
-    metrics = fit(cfg, cfg.output_dir)
+        if cfg.lighttransfer.plan is not None:
+            load_plan(cfg.lighttransfer.plan, cfg.model.name)  # before the model loads
+        try:
+            metrics = fit_hybrid(cfg, cfg.output_dir)
+        except PlanMismatchError as error:  # the layer count, known once the model is loaded
+            raise UserError(str(error)) from error
+    else:
+        metrics = fit(cfg, cfg.output_dir)
     print(json.dumps(metrics))
     print(f"adapter saved to {Path(cfg.output_dir) / 'adapter'}")
     return metrics

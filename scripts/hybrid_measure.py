@@ -1,8 +1,9 @@
 """Rows for the hybrid results table: full, untrained hybrids and trained runs, on the embedded model.
 
     python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:4 untrained:0 run:RUN_DIR ... \
-        --out docs/results/hybrid/quality.jsonl [--perplexity-samples 4] [--passkey-samples 5]
-    python scripts/hybrid_measure.py --plan PLAN.json --rows full untrained:0 --decode 4096 8192 --out ...
+        --out docs/results/hybrid/quality.jsonl [--perplexity-samples 4] [--tasks passkey niah_single --samples 4]
+
+Decode speed and cache bytes of full against the hybrid: ``kvtune bench methods=[full] hybrid=[PLAN.json]``.
 
 ``untrained:S`` is the plan's lazy layers with S sinks and the plan's window; ``run:DIR`` a `kvtune fit` hybrid run
 (its plan.json and LoRA adapter, merged). Each row is appended to ``--out`` as soon as it is measured.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import time
@@ -20,7 +22,7 @@ from peft import PeftModel
 
 import kvtune
 from kvtune.hybrid import LayerPlan, apply_plan
-from kvtune.hybrid.measure import answer_nll, decode_rows, perplexity
+from kvtune.hybrid.measure import answer_nll, perplexity
 
 
 def build(spec: str, plan_path: str):
@@ -36,39 +38,51 @@ def build(spec: str, plan_path: str):
         run = Path(arg)
         plan = LayerPlan.load(run / "plan.json")
         model = PeftModel.from_pretrained(model, run / "adapter").merge_and_unload()
-        steps = json.loads((run / "fit_config.json").read_text())["trainer"].get("max_steps")
-        label = f"hybrid trained ({run.name}, <= {steps} steps), sinks={plan.sinks}"
+        steps = sum(
+            bool(row.get("train/loss"))
+            for log in run.glob("csv/version_*/metrics.csv")
+            for row in csv.DictReader(log.open())
+        )
+        label = f"hybrid trained ({run.name}, {steps} steps), sinks={plan.sinks}"
     else:
         raise SystemExit(f"unknown row spec {spec!r}")
     return apply_plan(model, plan).eval(), tokenizer, plan, label
 
 
 def table(path: Path) -> str:
-    """The quality rows of ``path`` as one markdown table: a row per model, perplexity and passkey side by side."""
+    """The quality rows of ``path`` as one markdown table: a row per model, perplexity and each task's answer NLL
+    side by side (the latest row of a label and task wins)."""
     rows: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         rows.setdefault(row["label"], {})[row["task"]] = row
     full = rows.get("full", {}).get("perplexity")
+    tasks = sorted({task for by_task in rows.values() for task in by_task} - {"perplexity"})
+    samples = {task: max(r[task]["samples"] for r in rows.values() if task in r) for task in ["perplexity", *tasks]}
     lines = [
-        "| model | perplexity 4K (NLL) | ppl gap to full closed | passkey answer NLL | KV bytes at 4K (x full) |",
-        "|---|---|---|---|---|",
+        f"| model | perplexity 4K, {samples['perplexity']} windows (NLL) | ppl gap to full closed | "
+        + "".join(f"{task} answer NLL ({samples[task]}) | " for task in tasks)
+        + "KV bytes at 4K (x full) |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|",
     ]
     untrained = {
-        r["perplexity"]["sinks"]: r["perplexity"] for r in rows.values() if "untrained" in r["perplexity"]["label"]
+        r["perplexity"]["sinks"]: r["perplexity"]
+        for r in rows.values()
+        if "perplexity" in r and "untrained" in r["perplexity"]["label"]
     }
-    for label, tasks in rows.items():
-        ppl, passkey = tasks.get("perplexity"), tasks.get("passkey")
+    for label, by_task in rows.items():
+        ppl = by_task.get("perplexity")
         closed = ""
         base = untrained.get(ppl.get("sinks")) if ppl else None
         if full and base and "trained (" in label and base["score"] > full["score"]:
             closed = f"{(base['score'] - ppl['score']) / (base['score'] - full['score']):.0%}"
         ratio = f" ({ppl['kv_bytes'] / full['kv_bytes']:.3f})" if full else ""
+        answers = "".join(f"{by_task[t]['answer_nll']:.3f} | " if t in by_task else "- | " for t in tasks)
         lines.append(
-            f"| {label} | {ppl['score']:.3f} ({ppl['answer_nll']:.4f}) | {closed} | "
-            f"{passkey['answer_nll']:.3f} | {ppl['kv_bytes'] / 2**20:.1f} MiB{ratio} |"
-            if ppl and passkey
-            else f"| {label} | incomplete | | | |"
+            f"| {label} | {ppl['score']:.3f} ({ppl['answer_nll']:.4f}) | {closed} | {answers}"
+            f"{ppl['kv_bytes'] / 2**20:.1f} MiB{ratio} |"
+            if ppl
+            else f"| {label} | no perplexity row | | {answers} |"
         )
     return "\n".join(lines)
 
@@ -81,9 +95,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print --out's quality rows as markdown and exit")
     parser.add_argument("--context-length", type=int, default=4096)
     parser.add_argument("--perplexity-samples", type=int, default=4)
-    parser.add_argument("--passkey-samples", type=int, default=5)
-    parser.add_argument("--decode", type=int, nargs="*", default=None, help="context lengths: decode speed instead")
-    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--tasks", nargs="*", default=["passkey"], help="tasks scored by answer NLL")
+    parser.add_argument("--samples", type=int, default=5, help="prompts per answer-NLL task")
     args = parser.parse_args()
     out = Path(args.out)
     if args.table:
@@ -93,14 +106,11 @@ def main() -> None:
     for spec in args.rows:
         model, tokenizer, plan, label = build(spec, args.plan)
         start = time.perf_counter()
-        if args.decode:
-            rows = decode_rows(model, tokenizer, plan, label, args.decode, args.decode_tokens)
-        else:
-            rows = [
-                perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
-                answer_nll(model, tokenizer, plan, "passkey", args.context_length, args.passkey_samples),
-            ]
-        if spec.startswith("run:") and not args.decode:  # the model card of `kvtune export --hybrid` quotes these
+        rows = [
+            perplexity(model, tokenizer, plan, args.context_length, args.perplexity_samples),
+            *(answer_nll(model, tokenizer, plan, task, args.context_length, args.samples) for task in args.tasks),
+        ]
+        if spec.startswith("run:"):  # the model card of `kvtune export --hybrid` quotes these
             measured = {
                 f"{r['task']} answer NLL at {args.context_length} tokens": round(r["answer_nll"], 4) for r in rows
             }

@@ -1,4 +1,5 @@
-"""Validation perplexity against optimiser step, one line per `kvtune fit` run (the LoCoCo ablation's curves).
+"""Validation perplexity against optimiser step, one line per `kvtune fit` run (the LoCoCo ablation's curves; the
+hybrids' with ``--title`` and ``--ylabel``).
 
     python scripts/plot_lococo_curves.py --out docs/results/lococo_ablation/curves.png NAME=RUN_DIR [NAME=RUN_DIR ...]
 
@@ -29,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--title", default="LoCoCo training, 128 slots, embedded SmolLM2")
+    parser.add_argument("--ylabel", default="validation perplexity (4K chunked, held out)")
     args = parser.parse_args()
     import matplotlib
 
@@ -44,8 +47,8 @@ def main() -> None:
         if points:
             axis.plot([s for s, _ in points], [p for _, p in points], marker="o", label=name)
     axis.set_xlabel("optimiser step")
-    axis.set_ylabel("validation perplexity (4K chunked, held out)")
-    axis.set_title("LoCoCo training, 128 slots, embedded SmolLM2")
+    axis.set_ylabel(args.ylabel)
+    axis.set_title(args.title)
     axis.legend()
     figure.tight_layout()
     out = Path(args.out)

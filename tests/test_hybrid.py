@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvtune
 from kvtune.api import cache_kwargs
+from kvtune.attention import attention_modules
+from kvtune.bench import bench, markdown_table
 from kvtune.cli import CONF_DIR
 from kvtune.hybrid import LayerPlan, PlanMismatchError, apply_plan, hybrid_cache, load_hybrid
 from kvtune.hybrid.attention import Streaming, cache_storage_bytes, flex_streaming, sink_merge, streaming_mask
@@ -23,6 +25,7 @@ from kvtune.hybrid.calibrate import layer_scores
 from kvtune.hybrid.export import export_hybrid, hybrid_config, to_hybrid_model
 from kvtune.hybrid.fit import fit_hybrid
 from kvtune.hybrid.plan import plan_from_scores
+from kvtune.train.export import export
 from tests.conftest import tiny_llama
 from tests.test_fit import CtrlC
 
@@ -439,3 +442,64 @@ def test_fit_trains_lora_with_the_plan_and_resumes_exactly(tmp_path, embedded_to
     hybrid = load_hybrid(_toy_base(embedded_tokenizer), tmp_path / "a" / "adapter")
     modules = [layer.self_attn for layer in hybrid.model.layers]
     assert [m.kvtune_streaming for m in modules] == [None, Streaming(window=8, sinks=2)]
+
+
+# ---- kvtune bench: full and hybrid rows in one run -------------------------------------------------------------------
+def test_bench_adds_a_hybrid_row_whose_cache_is_the_plans_arithmetic(embedded_tokenizer):
+    model = _toy_base(embedded_tokenizer)  # 2 layers, 2 KV heads of 8 dims, float32
+    stock = model.config._attn_implementation
+    plan = LayerPlan("toy", 2, (1,), window=16, sinks=2)
+    rows = bench(model, embedded_tokenizer, ["full"], [], [96, 160], [1], decode_tokens=3, plans=[plan])
+    by_length = {(r["method"], r["context_length"]): r for r in rows}
+    assert set(by_length) == {(m, n) for m in ("full", "hybrid") for n in (96, 160)}
+    for length in (96, 160):
+        full, hybrid = by_length["full", length], by_length["hybrid", length]
+        assert full["kv_bytes"] == 2 * 2 * length * 2 * 8 * 4  # keys and values, 2 layers
+        assert hybrid["kv_bytes"] == plan.kv_bytes(length, kv_heads=2, head_dim=8, itemsize=4)
+        assert hybrid["kv_ratio"] == pytest.approx((length + 2 + 16 - 1) / (2 * length))
+        assert hybrid["plan"] == "1/2 layers W=16 sinks=2" and hybrid["decode_tok_s"] > 0
+    assert model.config._attn_implementation == stock  # the stock model is restored after the hybrid rows
+    assert all(getattr(m, "kvtune_streaming", None) is None for m in attention_modules(model))
+    assert "1/2 layers W=16 sinks=2" in markdown_table(rows)
+
+
+# ---- plans on the command line and with exported adapters ------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvtune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["bench", "fit"])
+def test_a_plan_for_another_model_or_no_plan_is_refused_in_one_line_before_loading(tmp_path, command):
+    other = _plan(layers=30, model_id="other").save(tmp_path / "other.json")
+    option = {"bench": "hybrid=[{}]", "fit": "lighttransfer.plan={}"}[command]
+    extra = ["recipe=lighttransfer_quickstart", f"hydra.run.dir={tmp_path / 'run'}"] if command == "fit" else []
+    for path, message in ((other, "calibrated for 'other', not 'embedded'"), (tmp_path / "no.json", "no layer plan")):
+        result = _cli(command, option.format(path), *extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_bench_refuses_a_plan_with_another_layer_count(tmp_path, embedded_tokenizer):
+    tiny_llama(layers=4).save_pretrained(tmp_path / "base")
+    embedded_tokenizer.save_pretrained(tmp_path / "base")
+    plan = LayerPlan(str(tmp_path / "base"), 5, (1,), window=8).save(tmp_path / "plan.json")
+    result = _cli("bench", f"model={tmp_path / 'base'}", f"hybrid=[{plan}]", "context_lengths=[64]", "budgets=[8]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "with 5 layers; this model has 4" in result.stderr.strip().splitlines()[-1]
+
+
+def test_export_carries_the_plan_and_load_adapter_applies_it(tmp_path, embedded_tokenizer):
+    plan = LayerPlan(str(tmp_path / "base"), 4, (1, 3), window=7, sinks=2)
+    run = _trained_run(tmp_path, plan, embedded_tokenizer)
+    _with_plan(run)
+    out = export(run, tmp_path / "out")
+    assert LayerPlan.load(out / "plan.json") == plan
+    assert "layers [1, 3] of 4 attend to 2 sinks + a 7-token sliding window" in (out / "README.md").read_text()
+    adapter = kvtune.load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), out)
+    streaming = [getattr(m, "kvtune_streaming", None) for m in attention_modules(adapter.get_base_model())]
+    assert streaming == [None, Streaming(7, 2), None, Streaming(7, 2)]
+    merged = load_hybrid(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), run / "adapter")
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)

@@ -17,6 +17,8 @@ Window semantics are transformers' ``sliding_window``: a query sees keys at dist
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -203,6 +205,24 @@ def apply_plan(model: PreTrainedModel, plan: LayerPlan, model_id: str | None = N
     base.set_attn_implementation(BACKEND)
     base.kvtune_plan = plan
     return model
+
+
+@contextmanager
+def planned(model: PreTrainedModel, plan: LayerPlan) -> Iterator[PreTrainedModel]:
+    """``model`` as the plan's hybrid inside the block, as it was after: `kvtune bench` measures the stock model and
+    its hybrid with the same weights in one run."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = base.config._attn_implementation
+    streaming = {module: getattr(module, STREAMING_ATTR, None) for module in attention_modules(base)}
+    previous_plan = getattr(base, "kvtune_plan", None)
+    apply_plan(model, plan)
+    try:
+        yield model
+    finally:
+        for module, setting in streaming.items():
+            setattr(module, STREAMING_ATTR, setting)
+        base.set_attn_implementation(implementation)
+        base.kvtune_plan = previous_plan
 
 
 def load_hybrid(model: PreTrainedModel, folder: str | Path) -> PreTrainedModel:

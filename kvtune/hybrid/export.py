@@ -15,11 +15,10 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import MinistralConfig, MinistralForCausalLM, PreTrainedModel
 
-from kvtune.hybrid.plan import LayerPlan
+from kvtune.hybrid.plan import PLAN_FILE, LayerPlan
 from kvtune.models import EMBEDDED, load_model, load_tokenizer
 from kvtune.train.export import EMBEDDED_ORIGIN
 
-PLAN_FILE = "plan.json"
 WEIGHT_COMPATIBLE = ("llama", "mistral", "ministral")
 COPIED_FIELDS = (
     "vocab_size",

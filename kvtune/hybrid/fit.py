@@ -20,13 +20,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtune.hybrid.attention import apply_plan
 from kvtune.hybrid.calibrate import calibrate
-from kvtune.hybrid.export import PLAN_FILE
 from kvtune.hybrid.module import HybridLM
-from kvtune.hybrid.plan import LayerPlan
+from kvtune.hybrid.plan import PLAN_FILE, LayerPlan
 from kvtune.models import load_model
 from kvtune.train.data import TextDataModule
 from kvtune.train.deepspeed import save_adapter, zero_stage_3
-from kvtune.train.fit import build_trainer, write_run_record
+from kvtune.train.fit import build_trainer, validate_untrained, write_run_record
 
 
 def training_plan(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LayerPlan:
@@ -97,6 +96,7 @@ def fit_hybrid(
         gradient_checkpointing=cfg.optim.gradient_checkpointing,
     )
     trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
+    validate_untrained(trainer, module, data, ckpt_path)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))

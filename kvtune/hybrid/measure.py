@@ -1,23 +1,21 @@
-"""Quality and speed of a hybrid against the full model: chunked-perplexity text, answer NLL, decode throughput.
+"""Quality of a hybrid against the full model: chunked-perplexity text and answer NLL (speed: `kvtune bench hybrid=`).
 
 The hybrid attends with its window throughout (as it was trained and as the export serves it), so one forward
 over the whole sequence gives exactly the NLL that chunk-by-chunk processing through its bounded cache gives; the
 same held-out texts and prompts as ``kvtune eval`` (tasks from `kvtune.eval.tasks`) are scored, and the first chunk
 is left out of perplexity as `kvtune.eval.runner` does. KV bytes are the plan's arithmetic at the sequence length.
-Rows of `decode_rows` have the keys of `kvtune.bench.measure`'s rows, so `kvtune.bench.markdown_table` prints them.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtune.api import cache_kwargs, tokenize_prompts
+from kvtune.api import tokenize_prompts
 from kvtune.eval.tasks import build_task
 from kvtune.hybrid.plan import LayerPlan
 
@@ -92,47 +90,3 @@ def answer_nll(
         "samples": len(nlls),
         "kv_bytes": kv_bytes(model, plan, round(sum(lengths) / len(lengths))),
     }
-
-
-@torch.no_grad()
-def decode_rows(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    plan: LayerPlan | None,
-    label: str,
-    context_lengths: list[int],
-    decode_tokens: int = 32,
-) -> list[dict[str, Any]]:
-    """Prefill then greedy decoding through the model's own cache (`hybrid_cache` for a hybrid): rows like
-    `kvtune.bench.measure`'s, with the cache's storage bytes after decoding."""
-    from kvtune.bench import _input_ids
-    from kvtune.hybrid.attention import cache_storage_bytes, hybrid_cache
-
-    rows = []
-    for length in context_lengths:
-        ids = _input_ids(tokenizer, length, 1, model.device)
-        cache = hybrid_cache(model) if plan is not None else DynamicCache()
-        start = time.perf_counter()
-        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        prefill_seconds = time.perf_counter() - start
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        start = time.perf_counter()
-        for step in range(decode_tokens):
-            positions = torch.tensor([[length + step]], device=model.device)
-            out = model(input_ids=token, position_ids=positions, **cache_kwargs(model, cache), use_cache=True)
-            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        decode_seconds = time.perf_counter() - start
-        rows.append(
-            {
-                "method": label,
-                "budget": None if plan is None else plan.sinks + plan.window - 1,
-                "context_length": length,
-                "batch_size": 1,
-                "prefill_s": prefill_seconds,
-                "decode_tok_s": decode_tokens / decode_seconds,
-                "kv_bytes": sum(cache_storage_bytes(cache)),
-                "peak_bytes": 0,
-                "overhead_pct": 0.0,
-            }
-        )
-    return rows

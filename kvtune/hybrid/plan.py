@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"  # the plan's name in a run, its adapter folder and every export
 
 
 class PlanMismatchError(ValueError):

@@ -1,8 +1,9 @@
 """`kvtune export` and `kvtune push`: a trained run's adapter as a PEFT folder with a model card, locally or on the Hub.
 
 A run directory (what `kvtune fit` writes) holds ``adapter/`` (PEFT's `save_pretrained` output), ``fit_config.json``
-and ``metrics.json``. Export copies the adapter files and writes a model card saying what the adapter is, how it was
-trained and how to load it; push uploads that folder with `huggingface_hub`.
+and ``metrics.json``; a LightTransfer hybrid's also ``adapter/plan.json``, which export copies with the adapter (so
+`kvtune.load_adapter` makes the same layers stream). Export copies the adapter files and writes a model card saying
+what the adapter is, how it was trained and how to load it; push uploads that folder with `huggingface_hub`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kvtune.eval.corpus import CORPORA, PROSE_CORPUS
+from kvtune.hybrid.plan import PLAN_FILE, LayerPlan
 from kvtune.models import EMBEDDED
 from kvtune.validation import UserError
 
@@ -76,6 +78,45 @@ def model_card(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def hybrid_adapter_card(run_dir: Path, plan: LayerPlan) -> str:
+    """Markdown card of a LightTransfer hybrid's LoRA: base model, the layer plan it trained with, loading code."""
+    config, metrics = _read_json(run_dir / "fit_config.json"), _read_json(run_dir / "metrics.json")
+    name = config.get("model", {}).get("name", "unknown")
+    base = EMBEDDED_ORIGIN if name == EMBEDDED else name
+    hybrid = config.get("lighttransfer", {})
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {base}",
+        "tags: [kvtune, lighttransfer, hybrid-attention, kv-cache-compression]",
+        "---",
+        "",
+        "# LightTransfer hybrid LoRA (kvtune)",
+        "",
+        f"LoRA for `{base}` trained by kvtune as a hybrid: layers {list(plan.lazy_layers)} of {plan.num_layers} "
+        f"attend to {plan.sinks} sinks + a {plan.window}-token sliding window, the others fully. `{PLAN_FILE}` holds "
+        "that layer plan; `kvtune.load_adapter` applies it with the adapter.",
+        "",
+        "## Training",
+        "",
+        f"- LoRA r={hybrid.get('lora_r', '?')} on {hybrid.get('target_modules', '?')}; sequences of "
+        f"{hybrid.get('sequence_length', '?')} tokens from `{config.get('data', {}).get('source', '?')}`; "
+        f"at most {config.get('trainer', {}).get('max_steps', '?')} steps",
+        *([f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())] or ["- no metrics recorded"]),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import kvtune",
+        "",
+        f'model, tokenizer = kvtune.load_model("{name}")',
+        'model = kvtune.load_adapter(model, "PATH")  # LoRA + the plan\'s streaming layers',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the run's adapter and a model card to ``out_dir`` (a PEFT folder)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -90,7 +131,11 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
         shutil.copy2(run_dir / "adapter" / name, out_dir / name)
-    (out_dir / "README.md").write_text(model_card(run_dir))
+    plan = run_dir / "adapter" / PLAN_FILE
+    if plan.is_file():
+        shutil.copy2(plan, out_dir / PLAN_FILE)
+    card = hybrid_adapter_card(run_dir, LayerPlan.load(plan)) if plan.is_file() else model_card(run_dir)
+    (out_dir / "README.md").write_text(card)
     return out_dir
 
 

@@ -115,11 +115,7 @@ def fit(
         lr_blend=cfg.optim.lr_blend,
     )
     trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
-    # the untrained compressor: the validation curve's step 0 (one process only: a multi-process strategy would
-    # launch its ranks here, before fit; not in a fast_dev_run smoke check)
-    first_curve_point = ckpt_path is None and trainer_kwargs.get("limit_val_batches", 1) != 0
-    if first_curve_point and trainer.world_size == 1 and not trainer.fast_dev_run:
-        trainer.validate(module, datamodule=data, verbose=False)
+    validate_untrained(trainer, module, data, ckpt_path)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
@@ -147,6 +143,15 @@ def build_trainer(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
     return trainer, ckpt_path
+
+
+def validate_untrained(
+    trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataModule, ckpt_path: str | None
+) -> None:
+    """The validation curve's step 0, the untrained model, on a fresh run: one process only (a multi-process
+    strategy would launch its ranks here, before fit), not in a fast_dev_run smoke check."""
+    if ckpt_path is None and trainer.limit_val_batches != 0 and trainer.world_size == 1 and not trainer.fast_dev_run:
+        trainer.validate(module, datamodule=data, verbose=False)
 
 
 def write_run_record(cfg: DictConfig, output_dir: Path, metrics: dict[str, float]) -> None:

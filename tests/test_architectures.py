@@ -288,3 +288,11 @@ def test_chunked_prefill_slides_between_chunks(family):
     assert (got - expected).abs().max().item() <= TOLERANCE
     windows = layer_windows(model)
     assert [int(n.max()) for n in cache.lengths()] == [WINDOW - 1 if w else CONTEXT for w in windows]
+
+
+def test_load_model_falls_back_to_eager_where_transformers_has_no_sdpa(tmp_path):
+    """Gemma 2 has no SDPA in transformers (soft-capping): `kvtune.load_model`'s default must still load it."""
+    _model("gemma2").save_pretrained(tmp_path)
+    kvtune.models.load_tokenizer("embedded").save_pretrained(tmp_path)
+    model, _ = kvtune.load_model(str(tmp_path))
+    assert type(model).__name__ == "Gemma2ForCausalLM" and model.config._attn_implementation == "eager"

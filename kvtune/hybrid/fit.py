@@ -24,8 +24,7 @@ from kvtune.hybrid.module import HybridLM
 from kvtune.hybrid.plan import PLAN_FILE, LayerPlan
 from kvtune.models import load_model
 from kvtune.train.data import TextDataModule
-from kvtune.train.deepspeed import save_adapter, zero_stage_3
-from kvtune.train.fit import build_trainer, validate_untrained, write_run_record
+from kvtune.train.fit import train_and_save, write_run_record
 
 
 def training_plan(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LayerPlan:
@@ -95,11 +94,7 @@ def fit_hybrid(
         warmup_steps=cfg.lighttransfer.warmup_steps,
         gradient_checkpointing=cfg.optim.gradient_checkpointing,
     )
-    trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
-    validate_untrained(trainer, module, data, ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
+    trainer, metrics = train_and_save(cfg, output_dir, model, module, data, trainer_kwargs, callbacks)
     if trainer.is_global_zero:
         plan.save(output_dir / PLAN_FILE)
         plan.save(output_dir / "adapter" / PLAN_FILE)  # the adapter folder is self-contained: `load_hybrid` reads both

@@ -114,11 +114,7 @@ def fit(
         warmup_steps=cfg.optim.warmup_steps,
         lr_blend=cfg.optim.lr_blend,
     )
-    trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
-    validate_untrained(trainer, module, data, ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
+    trainer, metrics = train_and_save(cfg, output_dir, model, module, data, trainer_kwargs, callbacks)
     if trainer.is_global_zero:
         write_run_record(cfg, output_dir, metrics)
     return metrics
@@ -143,6 +139,26 @@ def build_trainer(
         default_root_dir=output_dir, callbacks=callbacks, logger=logger, strategy=strategy, **trainer_kwargs
     )
     return trainer, ckpt_path
+
+
+def train_and_save(
+    cfg: DictConfig,
+    output_dir: Path,
+    model: PeftModel,
+    module: pl.LightningModule,
+    data: pl.LightningDataModule,
+    trainer_kwargs: dict[str, Any],
+    callbacks: list[pl.Callback] | None = None,
+) -> tuple[pl.Trainer, dict[str, float]]:
+    """What every kvtune fit does: the step-0 validation, training (resumed from the run's checkpoint if any), then
+    the adapter saved under ``output_dir/adapter`` (gathered first under ZeRO-3). Returns the trainer and the final
+    metrics."""
+    trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
+    validate_untrained(trainer, module, data, ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
+    return trainer, metrics
 
 
 def validate_untrained(

@@ -6,7 +6,8 @@
 Decode speed and cache bytes of full against the hybrid: ``kvtune bench methods=[full] hybrid=[PLAN.json]``.
 
 ``untrained:S`` is the plan's lazy layers with S sinks and the plan's window; ``run:DIR`` a `kvtune fit` hybrid run
-(its plan.json and LoRA adapter, merged). Each row is appended to ``--out`` as soon as it is measured.
+(its plan.json and LoRA adapter, merged); ``lora:DIR`` that run's adapter on the full model, every layer attending
+fully (the control: how much of a trained row's gain is the adapter fitting the corpus, not the hybrid recovering). Each row is appended to ``--out`` as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ def build(spec: str, plan_path: str):
     if kind == "untrained":
         plan = dataclasses.replace(LayerPlan.load(plan_path), sinks=int(arg))
         label = f"hybrid untrained, sinks={plan.sinks}"
-    elif kind == "run":
+    elif kind in ("run", "lora"):
         run = Path(arg)
-        plan = LayerPlan.load(run / "plan.json")
         model = PeftModel.from_pretrained(model, run / "adapter").merge_and_unload()
         steps = sum(
             bool(row.get("train/loss"))
             for log in run.glob("csv/version_*/metrics.csv")
             for row in csv.DictReader(log.open())
         )
+        if kind == "lora":
+            return model.eval(), tokenizer, None, f"full + the adapter of {run.name} ({steps} steps)"
+        plan = LayerPlan.load(run / "plan.json")
         label = f"hybrid trained ({run.name}, {steps} steps), sinks={plan.sinks}"
     else:
         raise SystemExit(f"unknown row spec {spec!r}")

@@ -1,7 +1,8 @@
 """Validation perplexity against optimiser step, one line per `kvtune fit` run (the LoCoCo ablation's curves; the
 hybrids' with ``--title`` and ``--ylabel``).
 
-    python scripts/plot_lococo_curves.py --out docs/results/lococo_ablation/curves.png NAME=RUN_DIR [NAME=RUN_DIR ...]
+    python scripts/plot_lococo_curves.py --out docs/results/lococo_ablation/curves.png NAME=RUN_DIR [NAME=RUN_DIR ...] \
+        [--reference NAME=PPL]
 
 Reads each run's CSV log (``RUN_DIR/csv/version_*/metrics.csv``: ``val/ppl`` at step 0 is the untrained
 compressor) and writes the plot plus the points as JSON beside it.
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="LoCoCo training, 128 slots, embedded SmolLM2")
     parser.add_argument("--ylabel", default="validation perplexity (4K chunked, held out)")
+    parser.add_argument(
+        "--reference", action="append", default=[], help="NAME=PPL: a horizontal line (e.g. the full model's)"
+    )
     args = parser.parse_args()
     import matplotlib
 
@@ -46,6 +50,9 @@ def main() -> None:
     for name, points in curves.items():
         if points:
             axis.plot([s for s, _ in points], [p for _, p in points], marker="o", label=name)
+    for spec in args.reference:
+        name, _, value = spec.partition("=")
+        axis.axhline(float(value), linestyle="--", color="grey", label=name)
     axis.set_xlabel("optimiser step")
     axis.set_ylabel(args.ylabel)
     axis.set_title(args.title)

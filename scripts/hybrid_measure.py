@@ -7,7 +7,8 @@ Decode speed and cache bytes of full against the hybrid: ``kvtune bench methods=
 
 ``untrained:S`` is the plan's lazy layers with S sinks and the plan's window; ``run:DIR`` a `kvtune fit` hybrid run
 (its plan.json and LoRA adapter, merged); ``lora:DIR`` that run's adapter on the full model, every layer attending
-fully (the control: how much of a trained row's gain is the adapter fitting the corpus, not the hybrid recovering). Each row is appended to ``--out`` as soon as it is measured.
+fully (the control: how much of a trained row's gain is the adapter fitting the corpus, not the hybrid recovering).
+Each row is appended to ``--out`` as soon as it is measured.
 """
 
 from __future__ import annotations

@@ -154,16 +154,46 @@ def worker(request_path: str) -> None:
     def record(module, args, kwargs, output):
         recorded[module.layer_idx] = (kwargs["hidden_states"], dict(kwargs))
 
+    def zip_prefill(context: torch.Tensor, cache) -> tuple[torch.Tensor, KVzipPress]:
+        """KVzipPress's own prefill and reconstruction, once per sample, recording the prefill's layer inputs for
+        the scorer presses on the way (its hook trims the cache back to the context: the prefill's keys/values)."""
+        press = KVzipPress(compression_ratio=request["ratios"][0])
+        original_post = press.compress_post
+
+        def keep_scores(model_, press=press, original_post=original_post):
+            kept["scores"] = press.score_val.clone()
+            original_post(model_)
+
+        press.compress_post = keep_scores
+        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
+        try:
+            with torch.no_grad(), press(model):
+                last = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                for hook in hooks:  # the reconstruction forwards are not the prefill
+                    hook.remove()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for layer in cache.layers:  # fresh tensors: the trimmed keys are views of context + reconstruction
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+        clear_masks()
+        press.compress_post = original_post
+        return last, press
+
     results = []
     for sample in request["samples"]:
         context = torch.tensor([sample["context"]])
         length = context.shape[1]
-        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
         full = DynamicCache()
-        with torch.no_grad():
-            last = model(input_ids=context, past_key_values=full, logits_to_keep=1).logits[:, -1]
-        for hook in hooks:
-            hook.remove()
+        zipping = "kvzip" in request["presses"]
+        if zipping:  # one prefill serves KVzip, the full cache and every scorer press
+            last, zip_press = zip_prefill(context, full)
+        else:
+            hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
+            with torch.no_grad():
+                last = model(input_ids=context, past_key_values=full, logits_to_keep=1).logits[:, -1]
+            for hook in hooks:
+                hook.remove()
         row = {k: sample[k] for k in ("task", "index")}
         results.append({**row, "method": "kvpress:full", "ratio": 0.0, **answer(copy.deepcopy(full), length,
                        sample["tail"], sample["gold"], sample["limit"], last)})  # fmt: skip
@@ -184,23 +214,12 @@ def worker(request_path: str) -> None:
                         print(f"check: replayed {name} equals the hook path: {same}", file=sys.stderr)
                 result = answer(cache, length, sample["tail"], sample["gold"], sample["limit"], last)
                 results.append({**row, "method": f"kvpress:{name}", "ratio": ratio, **result})
-        if "kvzip" in request["presses"]:
-            press = KVzipPress(compression_ratio=request["ratios"][0])
-            original_post = press.compress_post
-
-            def keep_scores(model_, press=press, original_post=original_post):
-                kept["scores"] = press.score_val.clone()
-                original_post(model_)
-
-            press.compress_post = keep_scores
-            cache = DynamicCache()
-            with torch.no_grad(), press(model):
-                zipped_last = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-            for ratio in request["ratios"]:
-                press.compression_ratio, press.score_val = ratio, kept["scores"].clone()
-                original_post(model)
+        if zipping:
+            for ratio in request["ratios"]:  # KVzip's selection (compress_post) from the one set of scores
+                zip_press.compression_ratio, zip_press.score_val = ratio, kept["scores"].clone()
+                zip_press.compress_post(model)
                 tail, gold, limit = sample["tail"], sample["gold"], sample["limit"]
-                result = answer(copy.deepcopy(cache), length, tail, gold, limit, zipped_last)
+                result = answer(copy.deepcopy(full), length, tail, gold, limit, last)
                 results.append({**row, "method": "kvpress:kvzip", "ratio": ratio, **result})
             clear_masks()
         print(f"done {row}", file=sys.stderr, flush=True)
@@ -435,7 +454,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
 def _kvpress(args: argparse.Namespace, presses: list[str], sample: dict, model_dir: Path) -> list[dict]:
     """Run one sample through kvpress's presses in the worker process; rows with the full cache's bytes."""
     request_path = ROOT / "outputs" / f"compare_kvpress_request.{os.getpid()}.json"  # parallel runs do not collide
-    output_path = request_path.with_name("compare_kvpress_output.json")
+    output_path = request_path.with_name(f"compare_kvpress_output.{os.getpid()}.json")
     request_path.parent.mkdir(parents=True, exist_ok=True)
     request = {"model": str(model_dir), "presses": presses, "ratios": args.ratios, "samples": [sample]}
     request_path.write_text(json.dumps(request | {"output": str(output_path), "check": args.check}))

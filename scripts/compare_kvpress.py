@@ -12,9 +12,16 @@ question and answer prefix appended, greedy answer; the gold answer's mean NLL t
 kvpress has no replay, so the worker replays it: one plain prefill per sample records each attention layer's input
 and full keys/values, and every scorer press (TOVA, Knorm, Expected Attention, SnapKV, StreamingLLM) then runs its
 own ``compress`` on them, exactly what its forward hook would do during that prefill (``--check`` compares one
-press against the hook path). KVzipPress runs its own prefill and reconstruction once per sample; its scores are
-kept and its masking step (``compress_post``) is rerun per ratio. kvpress's KVzip masks entries instead of removing
-them, so its bytes held are the full cache's. kvpress's KVzip reads the model's chat template to frame its
+press against the hook path). When KVzip is among the presses, its own prefill is that recorded prefill (the
+reconstruction forwards that follow are not recorded): one prefill and one reconstruction per sample. Its scores
+are kept and only its selection (``compress_post``, a top-k over the scores that sets the masked indices) is rerun
+per ratio. kvpress's KVzip masks entries instead of removing them, so its bytes held are the full cache's.
+kvtune's side is replayed from one recorded prefill per sample too (`kvtune.replay`), and its kvzip scores are
+computed once per sample and shared by every ratio.
+
+Candidates can be restricted (``--methods``, ``--presses``) to the methods that can be a side's best: on the
+2,048-token pilot, kvtune's best was kvzip then tova, kvpress's kvzip then tova and knorm; the others were more than
+0.3 nats behind at every ratio. kvpress's KVzip reads the model's chat template to frame its
 prompt; the worker hands it the model without one, as kvtune's comparison prompts are raw text.
 
 Work is split by sample index (``--indices``; ``--samples`` fixes the sample set) and appended to

@@ -25,7 +25,13 @@ Differences from the paper and from kvpress's `KVzipPress`, all deliberate:
 * **Every chunk repeats the prompt** (chunks are cut from the right, so that a left-padded row of a batch is
   chunked exactly as it would be alone) and attends to the whole prefilled context (not to earlier reconstruction
   chunks); every query of the pass votes (the prompt's too, as in kvpress's port of the authors' code), padding
-  queries of a batch excepted.
+  queries of a batch excepted. Later chunks use the same prompt (the authors' code and kvpress's port switch to
+  "repeat the part ... starting with" plus the previous chunk's last 8 tokens).
+* **Votes over the whole context.** A query's vote is its probability under the model's own attention, i.e. the
+  softmax over every entry it sees, and every chunk votes for every entry. The authors' code (and kvpress's port)
+  scores a chunk's queries only on the sinks, the span of context that chunk reconstructs and the chunk itself,
+  with the softmax renormalised over those keys. The two agree while the context fits in one chunk (2,048 tokens
+  by default); beyond it they differ.
 * **Always kept:** the first ``sinks`` entries (4, as kvpress's port does) and a recent window (``window``, default
   1: the last entry, so the next token's query has its predecessor; a question-aware run sets it to the question's
   length, so the question is kept whole). Both count against the budget.
@@ -36,8 +42,10 @@ Differences from the paper and from kvpress's `KVzipPress`, all deliberate:
   score so far travels with it (the layer's ``aux``, 4 bytes an entry) and the top entries are kept by those scores.
   So the work per chunk is one chunk's reconstruction over about the budget, not over all context seen; an entry
   gets votes only from reconstructions of its own and later chunks, and evicted entries are never attended again.
-  Without chunking (a one-shot prefill) the pass is exactly the paper's: every token reconstructed over the whole
-  context.
+  Without chunking (a one-shot prefill) every token is reconstructed over the whole context, as above.
+* **Memory.** The full prefilled cache is held until the selection (the scores need every layer's), plus one
+  chunk's room per layer during the pass; a one-shot kvzip prefill therefore peaks above the full cache, while the
+  other methods release each layer as they go. Chunked prefill (above) is the bounded-memory way to run it.
 * No softmax-normalisation tweaks, no KVzip+ head scores; scores are in fp32.
 
 Replays (`kvtune.replay`) share one set of scores between every budget of the same recorded prefill.

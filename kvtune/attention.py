@@ -61,7 +61,6 @@ class LayerContext:
     softcap: float | None = None  # attention logit soft-capping of the model (Gemma 2), for scores
     max_received: torch.Tensor | None = None  # [B, H_kv, L] fp32: the most attention one query gave each entry
 
-
     @property
     def group_size(self) -> int:
         return self.query.shape[1] // self.keys.shape[1]

@@ -21,8 +21,10 @@ computed once per sample and shared by every ratio.
 
 Candidates can be restricted (``--methods``, ``--presses``) to the methods that can be a side's best: on the
 2,048-token passkey pilot (one sample) kvtune's best was kvzip then tova and kvpress's kvzip then tova and knorm,
-every other method at least 0.5 nats behind its side's best at every ratio. kvpress's KVzip reads the model's chat template to frame its
-prompt; the worker hands it the model without one, as kvtune's comparison prompts are raw text.
+every other method at least 0.5 nats behind its side's best at every ratio.
+
+kvpress's KVzip reads the model's chat template to frame its prompt; the worker hands it the model without one, as
+kvtune's comparison prompts are raw text.
 
 Work is split by sample index (``--indices``; ``--samples`` fixes the sample set) and appended to
 ``per_sample.jsonl``, so runs can be resumed and extended; ``results.md`` and ``results.png`` are rebuilt from every

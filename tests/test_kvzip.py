@@ -188,8 +188,8 @@ def test_chunked_prefill_reconstructs_each_token_once(budget=30):
     ids, mask = _padded_batch([60])
     seen = []
     original = kvtune.methods.kvzip.reconstruction_scores
-    kvtune.methods.kvzip.reconstruction_scores = lambda m, c, ids, *a: seen.append(ids.shape[1]) or original(
-        m, c, ids, *a
+    kvtune.methods.kvzip.reconstruction_scores = lambda m, c, ids, *a: (
+        seen.append(ids.shape[1]) or original(m, c, ids, *a)
     )
     try:
         cache = kvtune.api.new_cache(model, build("kvzip", budget=budget, prompt=PROMPT))

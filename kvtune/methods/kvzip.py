@@ -222,6 +222,7 @@ class KVzip(Policy):
             else:
                 layer.compact(keep_top(layer_ranked, layer_counts), dataclasses.replace(view, aux=layer_scores))
 
+
 def global_counts(
     ranked: list[torch.Tensor], valids: list[torch.Tensor], targets: list[torch.Tensor]
 ) -> list[torch.Tensor]:

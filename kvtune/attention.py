@@ -10,8 +10,8 @@ switch the model's attention implementation for such a forward and restore it af
 what the model computes with any other cache (StaticCache, DynamicCache, none).
 
 `attend` is the one place that attends over a layer (rectangular, masked or causal); `attend_with_received` also
-returns the attention each key received; `attend_segments` reads a ragged layer's segments for single queries.
-A GPU backend replaces these three.
+returns the attention each key received, `attend_with_max_received` the most any one query gave it;
+`attend_segments` reads a ragged layer's segments for single queries. A GPU backend replaces these.
 
 Hybrid models: a sliding layer (from the config's ``layer_types``/``sliding_window``, read as transformers'
 DynamicCache reads them: `layer_windows`) attends within its window, by position, and keeps only that window
@@ -59,6 +59,7 @@ class LayerContext:
     adapter: torch.nn.Module | None = None  # a trained compressor of this layer (LoCoCo), when the model has one
     positions: torch.Tensor | None = None  # [B, H_kv or 1, L] long: absolute position of each entry (see cache)
     softcap: float | None = None  # attention logit soft-capping of the model (Gemma 2), for scores
+    max_received: torch.Tensor | None = None  # [B, H_kv, L] fp32: the most attention one query gave each entry
 
     @property
     def group_size(self) -> int:
@@ -197,6 +198,46 @@ def attend_with_received(
         return _attend_and_received_flash(query, keys, values, scaling)
     out = attend(query, keys, values, valid, scaling, softcap=softcap)
     return out, _received_causal(query, keys, valid, scaling, softcap)
+
+
+@torch.no_grad()  # the reconstruction pass of `kvzip`: scores only, never part of a training graph
+def attend_with_max_received(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention and, per KV head, the largest probability any valid query of its GQA group gave each key
+    (fp32 ``[B, H_kv, L]``; padding queries give nothing).
+
+    One pass: each block of queries forms its fp32 probabilities once, takes their maximum per key and multiplies
+    them with the values, so the statistic costs no second attention and at most `RECEIVED_BLOCK_ELEMENTS`
+    probabilities are held at a time. The output is computed in fp32 and returned in the query's dtype.
+    """
+    batch, heads, q_len, dim = query.shape
+    heads_kv, length = keys.shape[1], keys.shape[2]
+    group = heads // heads_kv
+    if valid is None:
+        valid = torch.ones(batch, 1, length, dtype=torch.bool, device=query.device)
+    voting = valid[:, :, -q_len:]  # [B, H_kv or 1, q]: a query votes when it is a real token
+    grouped = _grouped(query, heads_kv).float()
+    keys_t, values_f = keys.float().transpose(2, 3)[:, :, None], values.float()[:, :, None]
+    out = torch.empty(batch, heads_kv, group, q_len, values.shape[-1], dtype=torch.float32, device=query.device)
+    best = torch.zeros(batch, heads_kv, length, dtype=torch.float32, device=query.device)
+    rows = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * length))
+    cols = torch.arange(length, device=query.device)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        logits = softcapped(torch.matmul(grouped[:, :, :, start:stop], keys_t).mul_(scaling), softcap)
+        own = torch.arange(start, stop, device=query.device)[:, None] + (length - q_len)  # as `allowed_mask`
+        allowed = (valid[:, :, None, :] & (cols <= own)) | (cols == own)
+        probs = logits.masked_fill_(~allowed[:, :, None], float("-inf")).softmax(dim=-1)
+        out[:, :, :, start:stop] = torch.matmul(probs, values_f)
+        probs.mul_(voting[:, :, None, start:stop, None])
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+    return out.flatten(1, 2).to(query.dtype), best
 
 
 def _attend_and_received_flash(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
@@ -350,11 +391,13 @@ def kvtune_attention(
         view = layer.dense()  # views for uniform layers; a ragged layer is copied once for its policy
         if ragged:
             key, value, valid, ragged = view.keys, view.values, view.valid, False
-    received = None
+    received = most = None
     if ragged:
         out = attend_segments(query, layer, scaling, softcap)
     elif acting and policy.needs_column_scores:
         out, received = attend_with_received(query, key, value, valid, scaling, softcap)
+    elif compressing and getattr(policy, "needs_max_received", False):
+        out, most = attend_with_max_received(query, key, value, valid, scaling, softcap)
     else:
         out = attend(query, key, value, valid, scaling, softcap=softcap)
     if acting:
@@ -373,6 +416,7 @@ def kvtune_attention(
             adapter=kvtune_adapter,
             positions=view.positions,
             softcap=softcap,
+            max_received=most,
         )
         (policy.on_prefill if compressing else policy.on_decode)(ctx)
     return out.transpose(1, 2).contiguous(), None

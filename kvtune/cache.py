@@ -381,6 +381,12 @@ class RaggedLayer(CacheLayerMixin):
             self._rebuild(Selection(indices.view(self.batch, self.heads, -1), keep.view(self.batch, -1)), view)
         self.seen_tokens -= remove
 
+    def trim(self) -> None:
+        """Free the spare capacity: fresh tensors holding exactly the used slots (after a pass that appended and
+        cropped, e.g. `kvzip`'s reconstruction, when nothing else rebuilds the layer)."""
+        if self.is_initialized and self._spare > self._appended:
+            self._regrow(0, spare=0)
+
     def croppable_tokens(self) -> int:
         """How many of the newest tokens every segment still holds, in order (what `crop` can remove)."""
         view = self.dense()

@@ -12,10 +12,19 @@ question and answer prefix appended, greedy answer; the gold answer's mean NLL t
 kvpress has no replay, so the worker replays it: one plain prefill per sample records each attention layer's input
 and full keys/values, and every scorer press (TOVA, Knorm, Expected Attention, SnapKV, StreamingLLM) then runs its
 own ``compress`` on them, exactly what its forward hook would do during that prefill (``--check`` compares one
-press against the hook path). KVzipPress runs its own prefill and reconstruction once per sample; its scores are
-kept and its masking step (``compress_post``) is rerun per ratio. kvpress's KVzip masks entries instead of removing
-them, so its bytes held are the full cache's. kvpress's KVzip reads the model's chat template to frame its
-prompt; the worker hands it the model without one, as kvtune's comparison prompts are raw text.
+press against the hook path). When KVzip is among the presses, its own prefill is that recorded prefill (the
+reconstruction forwards that follow are not recorded): one prefill and one reconstruction per sample. Its scores
+are kept and only its selection (``compress_post``, a top-k over the scores that sets the masked indices) is rerun
+per ratio. kvpress's KVzip masks entries instead of removing them, so its bytes held are the full cache's.
+kvtune's side is replayed from one recorded prefill per sample too (`kvtune.replay`), and its kvzip scores are
+computed once per sample and shared by every ratio.
+
+Candidates can be restricted (``--methods``, ``--presses``) to the methods that can be a side's best: on the
+2,048-token passkey pilot (one sample) kvtune's best was kvzip then tova and kvpress's kvzip then tova and knorm,
+every other method at least 0.5 nats behind its side's best at every ratio.
+
+kvpress's KVzip reads the model's chat template to frame its prompt; the worker hands it the model without one, as
+kvtune's comparison prompts are raw text.
 
 Work is split by sample index (``--indices``; ``--samples`` fixes the sample set) and appended to
 ``per_sample.jsonl``, so runs can be resumed and extended; ``results.md`` and ``results.png`` are rebuilt from every
@@ -154,16 +163,46 @@ def worker(request_path: str) -> None:
     def record(module, args, kwargs, output):
         recorded[module.layer_idx] = (kwargs["hidden_states"], dict(kwargs))
 
+    def zip_prefill(context: torch.Tensor, cache) -> tuple[torch.Tensor, KVzipPress]:
+        """KVzipPress's own prefill and reconstruction, once per sample, recording the prefill's layer inputs for
+        the scorer presses on the way (its hook trims the cache back to the context: the prefill's keys/values)."""
+        press = KVzipPress(compression_ratio=request["ratios"][0])
+        original_post = press.compress_post
+
+        def keep_scores(model_, press=press, original_post=original_post):
+            kept["scores"] = press.score_val.clone()
+            original_post(model_)
+
+        press.compress_post = keep_scores
+        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
+        try:
+            with torch.no_grad(), press(model):
+                last = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                for hook in hooks:  # the reconstruction forwards are not the prefill
+                    hook.remove()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for layer in cache.layers:  # fresh tensors: the trimmed keys are views of context + reconstruction
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+        clear_masks()
+        press.compress_post = original_post
+        return last, press
+
     results = []
     for sample in request["samples"]:
         context = torch.tensor([sample["context"]])
         length = context.shape[1]
-        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
         full = DynamicCache()
-        with torch.no_grad():
-            last = model(input_ids=context, past_key_values=full, logits_to_keep=1).logits[:, -1]
-        for hook in hooks:
-            hook.remove()
+        zipping = "kvzip" in request["presses"]
+        if zipping:  # one prefill serves KVzip, the full cache and every scorer press
+            last, zip_press = zip_prefill(context, full)
+        else:
+            hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in layers]
+            with torch.no_grad():
+                last = model(input_ids=context, past_key_values=full, logits_to_keep=1).logits[:, -1]
+            for hook in hooks:
+                hook.remove()
         row = {k: sample[k] for k in ("task", "index")}
         results.append({**row, "method": "kvpress:full", "ratio": 0.0, **answer(copy.deepcopy(full), length,
                        sample["tail"], sample["gold"], sample["limit"], last)})  # fmt: skip
@@ -184,23 +223,12 @@ def worker(request_path: str) -> None:
                         print(f"check: replayed {name} equals the hook path: {same}", file=sys.stderr)
                 result = answer(cache, length, sample["tail"], sample["gold"], sample["limit"], last)
                 results.append({**row, "method": f"kvpress:{name}", "ratio": ratio, **result})
-        if "kvzip" in request["presses"]:
-            press = KVzipPress(compression_ratio=request["ratios"][0])
-            original_post = press.compress_post
-
-            def keep_scores(model_, press=press, original_post=original_post):
-                kept["scores"] = press.score_val.clone()
-                original_post(model_)
-
-            press.compress_post = keep_scores
-            cache = DynamicCache()
-            with torch.no_grad(), press(model):
-                zipped_last = model(input_ids=context, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-            for ratio in request["ratios"]:
-                press.compression_ratio, press.score_val = ratio, kept["scores"].clone()
-                original_post(model)
+        if zipping:
+            for ratio in request["ratios"]:  # KVzip's selection (compress_post) from the one set of scores
+                zip_press.compression_ratio, zip_press.score_val = ratio, kept["scores"].clone()
+                zip_press.compress_post(model)
                 tail, gold, limit = sample["tail"], sample["gold"], sample["limit"]
-                result = answer(copy.deepcopy(cache), length, tail, gold, limit, zipped_last)
+                result = answer(copy.deepcopy(full), length, tail, gold, limit, last)
                 results.append({**row, "method": "kvpress:kvzip", "ratio": ratio, **result})
             clear_masks()
         print(f"done {row}", file=sys.stderr, flush=True)
@@ -435,7 +463,7 @@ def _run(args: argparse.Namespace, per_sample: Path) -> None:
 def _kvpress(args: argparse.Namespace, presses: list[str], sample: dict, model_dir: Path) -> list[dict]:
     """Run one sample through kvpress's presses in the worker process; rows with the full cache's bytes."""
     request_path = ROOT / "outputs" / f"compare_kvpress_request.{os.getpid()}.json"  # parallel runs do not collide
-    output_path = request_path.with_name("compare_kvpress_output.json")
+    output_path = request_path.with_name(f"compare_kvpress_output.{os.getpid()}.json")
     request_path.parent.mkdir(parents=True, exist_ok=True)
     request = {"model": str(model_dir), "presses": presses, "ratios": args.ratios, "samples": [sample]}
     request_path.write_text(json.dumps(request | {"output": str(output_path), "check": args.check}))

@@ -143,3 +143,62 @@ def test_every_prefill_path_runs_the_reconstruction(budget=10):
     assert len(caches) == 1  # once, after the prompt; decoding steps are not prefills
     per_sample = torch.stack([held.sum(dim=1) for held in caches[0].lengths()]).sum(dim=0)
     assert (per_sample == layers * HKV * (budget + 2)).all()  # + 2 decoded tokens
+
+
+def test_max_received_comes_with_the_attention_itself():
+    """`attend_with_max_received`: `attend`'s output, and per KV head the largest probability one real query of its
+    group gave each key (written out: softmax of the masked logits, padding queries excluded)."""
+    from kvtune.attention import allowed_mask, attend, attend_with_max_received
+
+    torch.manual_seed(0)
+    batch, length, q_len, dim = 2, 37, 11, 8
+    query = torch.randn(batch, HKV * GROUP, q_len, dim)
+    keys, values = torch.randn(batch, HKV, length, dim), torch.randn(batch, HKV, length, dim)
+    valid = torch.ones(batch, 1, length, dtype=torch.bool)
+    valid[1, :, :5] = False  # left padding of the held entries
+    valid[1, :, length - q_len] = False  # and a padding query of this call
+    out, most = attend_with_max_received(query, keys, values, valid, 0.3)
+    assert torch.allclose(out, attend(query, keys, values, valid, 0.3), atol=1e-5)
+    logits = torch.matmul(query, keys.repeat_interleave(GROUP, dim=1).transpose(2, 3)) * 0.3
+    probs = logits.masked_fill(~allowed_mask(valid, q_len), float("-inf")).softmax(dim=-1)
+    probs = probs * valid[:, :, -q_len:, None]  # the padding query votes for nothing
+    expected = probs.amax(dim=2).view(batch, HKV, GROUP, length).amax(dim=2)
+    assert torch.allclose(most, expected, atol=1e-6)
+    assert most[1, :, :5].eq(0).all()
+
+
+def test_the_pass_leaves_the_cache_as_it_found_it():
+    """The reconstruction runs through the cache itself (no copy) and crops its tokens off again."""
+    model = tiny_llama()
+    ids, mask = _padded_batch([45, 30])
+    cache = kvtune.api.new_cache(model)
+    kvtune.api.prefill(model, cache, ids, mask)
+    before = [(layer.dense().keys.clone(), layer.seen_tokens) for layer in cache.layers]
+    scores = kvtune.methods.kvzip.reconstruction_scores(model, cache, ids, mask, mask, PROMPT, chunk=16)
+    for layer, (keys, seen), layer_scores in zip(cache.layers, before, scores):
+        assert torch.equal(layer.dense().keys, keys) and layer.seen_tokens == seen
+        assert layer_scores.shape == (2, HKV, 45)
+    assert cache.policy is None
+
+
+def test_chunked_prefill_reconstructs_each_token_once(budget=30):
+    """With ``prefill_chunk``, each reconstruction covers the tokens fed since the last one (those fed while the
+    cache was within budget wait), over what the cache holds; earlier entries keep their best score as ``aux``."""
+    model = tiny_llama()
+    ids, mask = _padded_batch([60])
+    seen = []
+    original = kvtune.methods.kvzip.reconstruction_scores
+    kvtune.methods.kvzip.reconstruction_scores = lambda m, c, ids, *a: (
+        seen.append(ids.shape[1]) or original(m, c, ids, *a)
+    )
+    try:
+        cache = kvtune.api.new_cache(model, build("kvzip", budget=budget, prompt=PROMPT))
+        kvtune.api.prefill(model, cache, ids, mask, chunk=25)
+    finally:
+        kvtune.methods.kvzip.reconstruction_scores = original
+    assert seen == [50, 10]  # 25 tokens fit the budget; 50 do not; then the last 10
+    per_sample = sum(int(held.sum()) for held in cache.lengths())
+    assert per_sample == len(cache.layers) * HKV * budget
+    assert all(layer.dense().aux is not None for layer in cache.layers)
+    entry = 2 * 8 * 4 + 4 + 4  # fp32 key and value of head_dim 8, int32 position, fp32 score
+    assert cache.nbytes() <= 1.05 * per_sample * entry  # no reconstruction room left behind

@@ -101,6 +101,8 @@ class LoCoCoMethodConfig:
         "linear"  # λ parametrisation: "linear" (the official raw λ) or "sigmoid" (λ = σ(θ), θ from lambda_init)
     )
     normalize_scores: bool = False  # rank entries by attention per query that could see them (not column sums)
+    score_window: int = 0  # 0: rank by column sums of the chunk; W: by the chunk's last W queries (TOVA's score: 1)
+    score_heads: str = "layer"  # with score_window: average the votes over the layer's heads, or each KV group
     objective: str = "lm"  # "lm" (next-token CE, the paper's), "distill" (KL to the full-cache model), "distill+lm"
     buffer: int = 16
     trainable: str = "compressor"  # "+"-joined parts of {compressor, embed_norm, lora}; compressor is required

@@ -12,7 +12,7 @@ from kvtune.attention import LayerContext
 from kvtune.cli import CONF_DIR
 from kvtune.lococo import LoCoCoCompressor, LoCoCoConfig
 from kvtune.methods import build
-from kvtune.methods.base import received_scores, visible_queries
+from kvtune.methods.base import last_query_votes, received_scores, visible_queries
 from kvtune.train.data import Sequences
 from kvtune.train.fit import build_adapted_model
 from kvtune.train.module import chunked_losses
@@ -111,3 +111,54 @@ def test_random_windows_come_from_across_the_stream():
     assert windows.data.shape == (32, 100)
     assert bool((windows.data[:, 1:] - windows.data[:, :-1] == 1).all())  # each window is contiguous text
     assert int(windows.data[:, 0].max()) > 5_000  # not only the first sequences of the stream
+
+
+class _Recorder:
+    """Stands in for a cache layer: records what the policy compacts to."""
+
+    def detach(self) -> None:
+        pass
+
+    def compact(self, selection, view=None) -> None:
+        self.selection = selection
+
+
+def _fuse_context(column: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, compressor) -> LayerContext:
+    return LayerContext(
+        layer_idx=0,
+        num_layers=1,
+        layer=_Recorder(),
+        cache=None,
+        query=query,
+        keys=keys,
+        values=keys.clone(),
+        valid=torch.ones(1, 1, keys.shape[2], dtype=torch.bool),
+        aux=None,
+        column_scores=column,
+        scaling=1.0,
+        adapter=compressor,
+    )
+
+
+def test_score_window_ranks_by_the_last_querys_head_averaged_attention_not_column_sums():
+    # 6 entries, one KV head with two query heads, 2 queries in this call. Keys are scaled basis vectors, so the
+    # last query's logit on entry i is its i-th coordinate. Column sums favour entries 0, 2, 4, 5; the last query
+    # (averaged over the two heads) favours 1, 3, 4, 5. mem_size 4 (2 verbatim + 2 one-hot picks at λ = 0).
+    keys = torch.eye(6, 8)[None, None] * 4.0  # [1, 1, 6, 8]
+    query = torch.zeros(1, 2, 2, 8)
+    query[0, 0, -1, :6] = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.8, 0.2])
+    query[0, 1, -1, :6] = torch.tensor([0.0, 0.6, 0.0, 1.0, 0.2, 0.9])
+    column = torch.tensor([[[5.0, 0.1, 4.0, 0.2, 3.0, 2.0]] * 2])  # [1, H=2, 6]
+    logits = (query[0, :, -1, :6] * 4.0).softmax(dim=-1)  # [2 heads, 6]: the last query sees every entry
+    expected = logits.mean(dim=0)
+    kept = {}
+    for window in (0, 1):
+        compressor = LoCoCoCompressor(head_dim=8, mem_size=4, kernel_size=3, lambda_init=0.0, score_window=window)
+        ctx = _fuse_context(column, query, keys, compressor)
+        if window:
+            assert torch.allclose(last_query_votes(ctx, 1).flatten(), expected, atol=1e-6)
+        build("lococo", buffer=0).fuse(ctx)
+        slots = ctx.layer.selection.keys[0, 0]  # each slot is one entry's key (λ = 0: one-hot picks)
+        kept[window] = sorted(int(row.argmax()) for row in slots)
+    assert kept[0] == [0, 2, 4, 5]
+    assert kept[1] == sorted(expected.topk(4).indices.tolist()) == [1, 3, 4, 5]

@@ -6,9 +6,11 @@ highest attention scores verbatim; the other half are convex-ish mixtures of the
 next-best entries and λ a learnable scalar. The same weights fuse keys and values; the official ``local_len`` option
 forces the most recent entries into the verbatim half. Deliberate differences, each
 documented in `docs/lococo.md`: scores and compression per KV head (GQA), an explicit bias initialisation, rows
-with padding or fewer valid entries than slots handled exactly, and two options: ``blend="sigmoid"`` (λ = σ(θ),
-so that a start near the one-hot pick still passes gradient to the conv) and ``normalize_scores`` (the policy ranks
-entries by attention per query that could see them, `kvtune.methods.base.visible_queries`).
+with padding or fewer valid entries than slots handled exactly, and options: ``blend="sigmoid"`` (λ = σ(θ),
+so that a start near the one-hot pick still passes gradient to the conv), ``normalize_scores`` (the policy ranks
+entries by attention per query that could see them, `kvtune.methods.base.visible_queries`) and ``score_window``
+(the policy ranks entries by the attention of the chunk's last queries only, `kvtune.methods.base.last_query_votes`:
+TOVA's score at 1).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class LoCoCoCompressor(nn.Module):
         local_len: int = 0,
         blend: str = "linear",
         normalize_scores: bool = False,
+        score_window: int = 0,
+        score_heads: str = "layer",
     ) -> None:
         super().__init__()
         if mem_size < 2:
@@ -63,7 +67,12 @@ class LoCoCoCompressor(nn.Module):
             raise ValueError(f"blend must be 'linear' (the official λ) or 'sigmoid' (λ = σ(θ)), got {blend!r}")
         if blend == "sigmoid" and not 0.0 < lambda_init < 1.0:
             raise ValueError(f"blend='sigmoid' needs lambda_init in (0, 1) (σ never reaches 0 or 1), got {lambda_init}")
+        if score_window < 0 or score_heads not in ("layer", "group"):
+            raise ValueError(
+                f"score_window must be >= 0 and score_heads 'layer' or 'group', got {score_window}, {score_heads!r}"
+            )
         self.local_len, self.blend_mode, self.normalize_scores = local_len, blend, normalize_scores
+        self.score_window, self.score_heads = score_window, score_heads
         self.conv = nn.Conv1d(2 * head_dim, self.fused, kernel_size, padding=kernel_size // 2)
         # the raw parameter: λ itself ("linear"), or its logit ("sigmoid");
         # shape [1] as in the official code (a 0-dim parameter breaks DeepSpeed's broadcast)

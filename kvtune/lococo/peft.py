@@ -44,6 +44,13 @@ class LoCoCoConfig(PeftConfig):
     normalize_scores: bool = field(
         default=False, metadata={"help": "rank entries by attention per query that could see them, not column sums"}
     )
+    score_window: int = field(
+        default=0,
+        metadata={"help": "0: rank by column sums of a chunk's queries; W: by its last W queries' (TOVA: 1)"},
+    )
+    score_heads: str = field(
+        default="layer", metadata={"help": "with score_window: average over the layer's heads or each KV group"}
+    )
     buffer: int = field(default=16, metadata={"help": "entries held beyond mem_size before compression fires"})
     position_interpolation: float = field(default=1.0, metadata={"help": "linear RoPE scaling factor trained with"})
     target_modules: list[str] | str | None = field(
@@ -105,6 +112,8 @@ class LoCoCoLayer(nn.Module, BaseTunerLayer):
             local_len=config.local_len,
             blend=config.blend,
             normalize_scores=config.normalize_scores,
+            score_window=config.score_window,
+            score_heads=config.score_heads,
         ).to(device=weight.device, dtype=weight.dtype)
         if config.lora_r > 0:
             self._add_lora(adapter_name, config)

@@ -191,6 +191,17 @@ def window_attention(ctx: LayerContext, window: int) -> torch.Tensor:
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
+def last_query_votes(ctx: LayerContext, window: int, heads: str = "layer") -> torch.Tensor:
+    """``[B, H_kv, L]``: the attention the last ``window`` queries of this call gave each entry, averaged over them
+    and over every query head of the layer (``heads="layer"``: TOVA's score, the same for every KV head) or over each
+    KV head's query group (``"group"``). Unlike column sums, every entry of the cache gets the same number of votes,
+    so old entries do not win by having been seen by more queries."""
+    received = window_attention(ctx, min(window, ctx.query.shape[2])).mean(dim=2)  # [B, H, L]
+    if heads == "layer":
+        return received.mean(dim=1, keepdim=True).expand(-1, ctx.keys.shape[1], -1)
+    return group_reduce(received, ctx.group_size)
+
+
 def snapkv_scores(
     ctx: LayerContext, window: int, kernel: int = 7, pooling: str = "max", heads: str = "group"
 ) -> torch.Tensor:

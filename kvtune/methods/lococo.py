@@ -13,7 +13,7 @@ import torch
 
 from kvtune.attention import LayerContext
 from kvtune.cache import Selection
-from kvtune.methods.base import Policy, dense_view, full_valid, received_scores
+from kvtune.methods.base import Policy, dense_view, full_valid, last_query_votes, received_scores
 from kvtune.methods.registry import register
 
 
@@ -55,7 +55,11 @@ class LoCoCo(Policy):
         valid = full_valid(ctx)
         if int(valid.sum(dim=-1).max()) <= compressor.mem_size + self.buffer:
             return
-        scores = received_scores(ctx, compressor.normalize_scores)  # GQA: the query group's mean, per KV head
+        with torch.no_grad():  # which entries to keep is a choice, not a path for gradients
+            if compressor.score_window:  # the chunk's last queries vote, each entry once (TOVA's score at 1)
+                scores = last_query_votes(ctx, compressor.score_window, compressor.score_heads)
+            else:  # column sums of the chunk's queries (the official), per query that saw them if normalised
+                scores = received_scores(ctx, compressor.normalize_scores)  # GQA: the query group's mean
         keys, values = (ctx.keys.detach(), ctx.values.detach()) if self.truncate else (ctx.keys, ctx.values)
         keys, values, counts = compressor(keys, values, scores, valid)
         slots = torch.arange(compressor.mem_size, device=keys.device).expand(*counts.shape, -1)

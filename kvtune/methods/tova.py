@@ -26,11 +26,10 @@ from kvtune.methods.base import (
     Policy,
     dense_view,
     full_valid,
-    group_reduce,
     keep_top,
+    last_query_votes,
     per_head_counts,
     valid_lengths,
-    window_attention,
     window_then_past,
 )
 from kvtune.methods.registry import register
@@ -51,12 +50,7 @@ class TOVA(Policy):
     def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
         """``[B, H_kv, L]``: attention of the last ``window`` queries, averaged over them and over the layer's heads
         (or each GQA group); +inf on the voting queries' own entries, -inf on padding."""
-        received = window_attention(ctx, min(window, ctx.query.shape[2])).mean(dim=2)  # [B, H, L]
-        if self.heads == "layer":
-            votes = received.mean(dim=1, keepdim=True).expand(-1, ctx.keys.shape[1], -1)
-        else:
-            votes = group_reduce(received, ctx.group_size)
-        return window_then_past(votes, full_valid(ctx), window)
+        return window_then_past(last_query_votes(ctx, window, self.heads), full_valid(ctx), window)
 
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
         return keep_top(self.scores(ctx, self.window_size(target)), per_head_counts(target, lengths))

@@ -63,6 +63,8 @@ def build_adapted_model(
         local_len=method.local_len,
         blend=method.blend,
         normalize_scores=method.normalize_scores,
+        score_window=method.score_window,
+        score_heads=method.score_heads,
         buffer=method.buffer,
         position_interpolation=cfg.model.position_interpolation,
         lora_r=method.lora_r if "lora" in parts else 0,

@@ -353,7 +353,7 @@ def kvtune_attention(
     received = None
     if ragged:
         out = attend_segments(query, layer, scaling, softcap)
-    elif acting and policy.needs_column_scores:
+    elif acting and (policy.needs_column_scores or (q_len == 1 and getattr(policy, "reads_decode_attention", False))):
         out, received = attend_with_received(query, key, value, valid, scaling, softcap)
     else:
         out = attend(query, key, value, valid, scaling, softcap=softcap)

@@ -213,8 +213,9 @@ def test_decode_eviction_in_place_keeps_what_the_general_selection_keeps(method,
     assert torch.allclose(fast_logits, slow_logits, atol=1e-5)  # attention sums the same entries in another order
     for fast_layer, slow_layer in zip(fast.layers, slow.layers):
         for kept, expected in zip(_by_age(fast_layer.dense(), 2), _by_age(slow_layer.dense(), 2)):
-            assert torch.equal(kept[0], expected[0])
-            assert torch.equal(kept[1], expected[1]) and torch.equal(kept[2], expected[2])
+            assert torch.equal(kept[0], expected[0])  # the same entries, by position
+            # (generated tokens' keys carry the float noise of attention summed in another order)
+            assert torch.allclose(kept[1], expected[1], atol=1e-5) and torch.allclose(kept[2], expected[2], atol=1e-5)
             if expected[3] is not None:
                 assert torch.allclose(kept[3], expected[3], rtol=1e-5, atol=1e-6)
 

@@ -394,7 +394,7 @@ def kvtune_attention(
     received = most = None
     if ragged:
         out = attend_segments(query, layer, scaling, softcap)
-    elif acting and policy.needs_column_scores:
+    elif acting and (policy.needs_column_scores or (q_len == 1 and getattr(policy, "reads_decode_attention", False))):
         out, received = attend_with_received(query, key, value, valid, scaling, softcap)
     elif compressing and getattr(policy, "needs_max_received", False):
         out, most = attend_with_max_received(query, key, value, valid, scaling, softcap)

@@ -12,6 +12,10 @@ geometrically when the spare runs out, and is rebuilt exactly (no spare) on comp
 * Per entry the layer also keeps its absolute position (the count of tokens seen before it, padding included;
   `FUSED` for a slot that fuses several tokens), a validity bit (left padding, or an entry evicted lazily while
   decoding, see `RaggedLayer.compact`) and optionally a statistic (``aux``, e.g. H2O's accumulated attention).
+* Decode-time eviction of one entry per (row, head) from a full, rectangular layer (`RaggedLayer.replace`) writes
+  the new token over the evicted entry: no hole, no growth, no copy. Storage order is then no longer age order
+  (``in_age_order``); attention does not care (keys carry RoPE), the policies' decode steps read positions, and
+  the order is restored before anything that reads it (a multi-token call, crop, save: `restore_age_order`).
 * A sliding layer (``sliding_window`` set, from the model's ``layer_types``) is never compressed by a method: after
   each forward it keeps the positions its next query can still see (`RaggedLayer.slide`), the last
   ``window - 1``, as transformers' ``DynamicSlidingWindowLayer`` does.
@@ -121,8 +125,9 @@ class RaggedLayer(CacheLayerMixin):
         self._ends: torch.Tensor | None = None  # [B*H] flat index after each segment's base entries
         self._uniform = True
         self._spare = 0  # slots per segment after its base entries
-        self._appended = 0  # slots of the spare used since the last (re)build
+        self._appended = 0  # entries past the base ones since the last (re)build (negative after `replace`s)
         self._bias: torch.Tensor | None = None  # ragged decoding's additive mask, see `segment_bias`
+        self.in_age_order = True  # each segment's entries are stored oldest first (False after `replace`)
         self.batch = self.heads = 0
         self.seen_tokens = 0  # positions fed so far, padding included: drives position ids
 
@@ -212,6 +217,8 @@ class RaggedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[2]
+        if new > 1:
+            self.restore_age_order()  # a multi-token call's policy ranks entries by storage order
         graph = torch.is_grad_enabled() and (key_states.requires_grad or self._keys.requires_grad)
         if self._keys.shape[0] == 0 and self._uniform and key_states.is_contiguous() and value_states.is_contiguous():
             self._adopt(key_states, value_states)  # the first prefill: its own tensors are the storage, no copy
@@ -231,6 +238,7 @@ class RaggedLayer(CacheLayerMixin):
         )
         self._valid = None
         self._aux = None if self._aux is None else torch.zeros(self._keys.shape[0], device=self.device)
+        self.in_age_order = True
         self._set_geometry(torch.full((batch * heads,), new, dtype=torch.long, device=self.device), 0)
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -358,6 +366,7 @@ class RaggedLayer(CacheLayerMixin):
         position from the new end onwards; otherwise a `ValueError` says how far back it can go."""
         if not self.is_initialized:
             return
+        self.restore_age_order()
         target = self.seen_tokens + max_length if max_length < 0 else max_length
         remove = self.seen_tokens - max(target, 0)
         if remove <= 0:
@@ -389,6 +398,7 @@ class RaggedLayer(CacheLayerMixin):
 
     def croppable_tokens(self) -> int:
         """How many of the newest tokens every segment still holds, in order (what `crop` can remove)."""
+        self.restore_age_order()
         view = self.dense()
         positions = view.positions.expand(self.batch, self.heads, -1).flip(-1)
         expected = self.seen_tokens - 1 - torch.arange(positions.shape[-1], device=self.device)
@@ -575,6 +585,96 @@ class RaggedLayer(CacheLayerMixin):
         counts = keep.sum(dim=-1)
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., : int(counts.max())]
         self._rebuild(Selection(order, counts), view)
+
+    def steady_length(self, view_keys: torch.Tensor) -> int | None:
+        """Entries every (row, head) holds when the layer is rectangular with no invalid entry and ``view_keys`` is
+        its own storage (what a decoding step's policy may then change in place with `replace`), else None."""
+        if self._uniform and self._valid is None and view_keys.shape[2] == self._width:
+            return self._width
+        return None
+
+    def stored_positions(self) -> torch.Tensor:
+        """``[B, H_kv, L]`` positions of a uniform layer's entries, in storage order (a view)."""
+        return self._view4(self._positions)[:, :, : self._width]
+
+    def replace(self, slots: torch.Tensor) -> None:
+        """A decoding step's eviction in place: the entry at ``slots[b, h]`` (``[B, H_kv, 1]``, into the dense view
+        of a `steady_length` layer) goes and the newest entry (the last slot) takes its place; the spare slot it
+        leaves is reused by the next token. Nothing is allocated; the per-entry statistic moves with its entry."""
+        last = self._width - 1
+        for flat in (self._keys, self._values):
+            stored = self._view4(flat)
+            stored.scatter_(2, slots[..., None].expand(-1, -1, -1, flat.shape[-1]), stored[:, :, last : last + 1])
+        for flat in (self._positions, self._aux):
+            if flat is not None:
+                stored = self._view4(flat)
+                stored.scatter_(2, slots, stored[:, :, last : last + 1])
+        self._appended -= 1
+        self.in_age_order = False
+
+    def evict_unevenly(self, drop: torch.Tensor) -> None:
+        """A decoding step that evicts a different number of entries per head (Ada-KV) and keeps the layer
+        rectangular: ``drop`` (``[B, H_kv, L]`` over a `steady_length`-like view, holes allowed) marks the evicted
+        entries invalid; each head's new token (the last slot) moves into its first hole, and the last slot is given
+        back when every head had one. A ragged layer is first stored as its right-aligned dense view (the one
+        attention was handed), padded with invalid slots. Repacked (as a compaction) when holes outgrow
+        `LAZY_HOLES` or 1/16 of the width."""
+        if not self._uniform:
+            self._store_rectangular(self.dense())
+        if self._valid is None:
+            self._valid = torch.ones(self._keys.shape[0], dtype=torch.bool, device=self.device)
+        last = self._width - 1
+        valid = self._view4(self._valid)[:, :, : self._width]
+        valid &= ~drop
+        newcomer = valid[:, :, last:].clone()
+        holes = ~valid[:, :, :last]
+        first = holes.to(torch.uint8).argmax(dim=-1, keepdim=True)
+        moved = holes.gather(2, first)
+        slots = torch.where(moved, first, last)
+        for flat in (self._keys, self._values):
+            stored = self._view4(flat)
+            stored.scatter_(2, slots[..., None].expand(-1, -1, -1, flat.shape[-1]), stored[:, :, last : last + 1])
+        for flat in (self._positions, self._aux):
+            if flat is not None:
+                stored = self._view4(flat)
+                stored.scatter_(2, slots, stored[:, :, last : last + 1])
+        valid[:, :, last:] &= ~moved
+        valid.scatter_(2, slots, newcomer)
+        self.in_age_order = False
+        if bool(moved.all()):
+            self._appended -= 1
+            return
+        counts = valid.sum(dim=-1)
+        if self._width - int(counts.max()) > max(LAZY_HOLES, self._width // LAZY_HOLES_FRACTION):
+            view = self.dense()
+            order = torch.sort((~view.valid).to(torch.int8), dim=-1, stable=True).indices[..., : int(counts.max())]
+            self._rebuild(Selection(order, counts), view)
+            if not self._uniform:
+                self._store_rectangular(self.dense())
+
+    def _store_rectangular(self, view: DenseView) -> None:
+        """Take a ragged layer's right-aligned dense view (fresh tensors) as its storage: uniform, padded slots
+        invalid."""
+        batch, heads, width = view.keys.shape[:3]
+        self._keys, self._values = (
+            view.keys.reshape(-1, view.keys.shape[-1]),
+            view.values.reshape(-1, view.values.shape[-1]),
+        )
+        self._positions = view.positions.expand(batch, heads, -1).reshape(-1)
+        self._valid = view.valid.expand(batch, heads, -1).reshape(-1)
+        self._aux = None if view.aux is None else view.aux.reshape(-1)
+        self._set_geometry(torch.full((batch * heads,), width, dtype=torch.long, device=self.device), 0)
+
+    def restore_age_order(self) -> None:
+        """Store each segment's entries oldest first again, after `replace` (fresh storage, as a compaction)."""
+        if self.in_age_order or not self.is_initialized:
+            return
+        view = self.dense()
+        positions = view.positions.expand(*view.keys.shape[:3]).long()
+        valid = view.valid.expand(*view.keys.shape[:3])
+        order = positions.masked_fill(~valid, torch.iinfo(torch.long).max).argsort(dim=-1, stable=True)
+        self._rebuild(Selection(order, valid.sum(dim=-1)), view)
+        self.in_age_order = True
 
     def slide(self) -> None:
         """A sliding layer, after a forward: drop the entries its next query can no longer see (positions at or

@@ -90,6 +90,7 @@ def save_cache(cache: KVCache, path: str | Path) -> Path:
         raise UserError("the cache is empty: prefill a context into it before saving")
     tensors: dict[str, torch.Tensor] = {}
     for index, layer in enumerate(cache.layers):
+        layer.restore_age_order()  # saved oldest first, as a cache that never evicted in place
         view = layer.dense()
         valid = view.valid.expand(*view.keys.shape[:3])
         tensors[f"layers.{index}.keys"] = view.keys[valid].contiguous()

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import kvtune
 from kvtune.api import cache_kwargs
-from kvtune.cache import FUSED, KVCache, Selection
+from kvtune.cache import FUSED, KVCache, RaggedLayer, Selection
 
 
 def _batch(rows: int, length: int = 30):
@@ -132,7 +132,7 @@ def test_decoding_writes_in_place_and_rebuilds_only_when_the_spare_runs_out():
     assert int(layer.lengths().max()) == 36
 
 
-def test_decode_time_eviction_is_lazy_and_bounded():
+def test_decode_time_eviction_keeps_sinks_and_window_in_bounded_storage():
     model, cache = _filled("streaming_llm", budget=16, length=40, rows=1)
     with kvtune.compress(model, "streaming_llm", budget=16, window=4):
         sizes = set()
@@ -140,7 +140,7 @@ def test_decode_time_eviction_is_lazy_and_bounded():
             _decode(model, cache, torch.tensor([[3 + step % 50]]), 40 + step)
             sizes.add(cache.layers[0].nbytes())
             view = cache.layers[0].dense()
-            kept = view.positions[view.valid.expand_as(view.positions)].view(2, 16)  # batch 1, 2 KV heads
+            kept = view.positions[view.valid.expand_as(view.positions)].view(2, 16).sort(dim=-1).values  # 2 KV heads
             assert kept[0, :4].tolist() == [0, 1, 2, 3] and kept[0, 4:].tolist() == list(range(step + 29, step + 41))
     entry = cache.layers[0].nbytes() / max(1, cache.layers[0].dense().keys.shape[2])
     assert max(sizes) <= entry * (16 + 16 + 32) and len(sizes) < 10  # budget + lazy holes + spare, few rebuilds
@@ -169,28 +169,113 @@ def test_fused_slots_have_no_position_and_positions_survive_compaction():
     assert (layer.dense().positions == FUSED).all()
 
 
-@pytest.mark.parametrize("method", ["h2o", "streaming_llm"])
-def test_decode_eviction_fast_path_keeps_what_the_general_selection_keeps(method, monkeypatch):
-    def run():
-        model = tiny_llama()
-        ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
-        with torch.no_grad(), kvtune.compress(model, method, budget=16, window=4):
-            out = model(ids, use_cache=True)
-            cache, logits = out.past_key_values, [out.logits[:, -1]]
-            for step in range(24):
-                logits.append(_decode(model, cache, logits[-1].argmax(-1, keepdim=True), 40 + step)[:, -1])
-        return [layer.dense() for layer in cache.layers], torch.stack(logits)
+def _by_age(view, rows: int, heads: int = 2):
+    """Each head's valid entries as (positions, keys, values, aux), oldest first: the kept set, whatever the order."""
+    valid = view.valid.expand(rows, heads, -1)
+    positions = view.positions.expand(rows, heads, -1)
+    kept = []
+    for b in range(rows):
+        for h in range(heads):
+            order = positions[b, h][valid[b, h]].argsort()
+            pick = [t[b, h][valid[b, h]][order] for t in (view.keys, view.values)]
+            aux = None if view.aux is None else view.aux[b, h][valid[b, h]][order]
+            kept.append((positions[b, h][valid[b, h]][order], *pick, aux))
+    return kept
 
-    fast_views, fast_logits = run()
-    module = kvtune.methods.h2o if method == "h2o" else kvtune.methods.streaming_llm
-    monkeypatch.setattr(module, "over_by_one", lambda ctx, target: False)
-    slow_views, slow_logits = run()
-    assert torch.equal(fast_logits, slow_logits)
-    for fast, slow in zip(fast_views, slow_views):
-        for view in (fast, slow):
-            assert view.valid.expand(2, 2, -1).sum(-1).eq(16).all()
-        kept = [v.keys[v.valid.expand(2, 2, -1)] for v in (fast, slow)]
-        assert torch.equal(kept[0], kept[1])
+
+def _decode_past_the_budget(method, steps=24, general=None, **kwargs):
+    """Prefill 40 tokens at budget 16, then decode ``steps`` greedy tokens; ``general`` (a monkeypatch) disables
+    the in-place decoding step so that every step takes the general selection and compaction."""
+    if general is not None:
+        for module in (kvtune.methods.base, kvtune.methods.h2o, kvtune.methods.streaming_llm, kvtune.methods.tova):
+            general.setattr(module, "steady_decode_length", lambda policy, ctx: None, raising=False)
+        general.setattr(RaggedLayer, "evict_unevenly", lambda layer, drop: layer.evict(drop))
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), kvtune.compress(model, method, budget=16, window=4, **kwargs):
+        out = model(ids, use_cache=True)
+        cache, logits = out.past_key_values, [out.logits[:, -1]]
+        for step in range(steps):
+            logits.append(_decode(model, cache, logits[-1].argmax(-1, keepdim=True), 40 + step)[:, -1])
+    return cache, torch.stack(logits)
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm", "tova", "lighttransfer", "adakv_tova"])
+def test_decode_eviction_in_place_keeps_what_the_general_selection_keeps(method, monkeypatch):
+    """The new token written over the evicted entry: per head, the same set of entries (positions, keys, values,
+    accumulated attention) as the general selection's compaction, which keeps storage in age order."""
+    fast, fast_logits = _decode_past_the_budget(method)
+    assert not all(layer.in_age_order for layer in fast.layers)  # the in-place step did run
+    with monkeypatch.context() as general:
+        slow, slow_logits = _decode_past_the_budget(method, general=general)
+    assert all(layer.in_age_order for layer in slow.layers)
+    assert torch.equal(fast_logits.argmax(-1), slow_logits.argmax(-1))
+    assert torch.allclose(fast_logits, slow_logits, atol=1e-5)  # attention sums the same entries in another order
+    for fast_layer, slow_layer in zip(fast.layers, slow.layers):
+        for kept, expected in zip(_by_age(fast_layer.dense(), 2), _by_age(slow_layer.dense(), 2)):
+            assert torch.equal(kept[0], expected[0])  # the same entries, by position
+            # (generated tokens' keys carry the float noise of attention summed in another order)
+            assert torch.allclose(kept[1], expected[1], atol=1e-5) and torch.allclose(kept[2], expected[2], atol=1e-5)
+            if expected[3] is not None:
+                assert torch.allclose(kept[3], expected[3], rtol=1e-5, atol=1e-6)
+
+
+def _data_pointers(cache):
+    names = ("_keys", "_values", "_positions", "_valid", "_aux")
+    return [[getattr(layer, n) is not None and getattr(layer, n).data_ptr() for n in names] for layer in cache.layers]
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm", "tova"])
+def test_decode_eviction_reallocates_nothing(method):
+    """Once a decoding step has made its spare slot, every later step evicts in place: no tensor of the layer is
+    reallocated, its size stays at the budget, and the storage's bytes never change."""
+    model, cache = _filled(method, budget=16, length=40, rows=2)
+    with kvtune.compress(model, method, budget=16, window=4):
+        _decode(model, cache, torch.tensor([[3], [4]]), 40)  # the first append after compaction makes room
+        storage = _data_pointers(cache)
+        size = cache.nbytes()
+        for step in range(1, 40):
+            _decode(model, cache, torch.tensor([[3 + step], [50 + step]]), 40 + step)
+            assert _data_pointers(cache) == storage, step
+            assert cache.nbytes() == size and all(bool((layer.lengths() == 16).all()) for layer in cache.layers)
+    layer = cache.layers[0]
+    assert not layer.in_age_order and layer._valid is None  # no holes: the new token took the evicted slot
+
+
+def test_adakv_decode_eviction_stays_rectangular_without_reallocating():
+    """Ada-KV-TOVA evicts unevenly across heads: after the first step stores the ragged layer as a rectangle with
+    invalid slots, the new tokens fill the holes the evictions leave, in place, and the layer total holds."""
+    model, cache = _filled("adakv_tova", budget=16, length=40, rows=2)
+    assert any(layer.ragged for layer in cache.layers)
+    with kvtune.compress(model, "adakv_tova", budget=16, window=4):
+        _decode(model, cache, torch.tensor([[3], [4]]), 40)
+        storage, uneven = _data_pointers(cache), False
+        for step in range(1, 40):
+            _decode(model, cache, torch.tensor([[3 + step], [50 + step]]), 40 + step)
+            assert _data_pointers(cache) == storage, step
+            for layer in cache.layers:
+                assert not layer.ragged and bool((layer.lengths().sum(dim=1) == 2 * 16).all())
+                uneven |= bool((layer.lengths() != 16).any())
+    assert uneven  # the heads did hold different counts on the way
+
+
+def test_age_order_is_restored_before_what_reads_it(tmp_path):
+    """After in-place decode evictions: a save, a crop and a multi-token call see each head oldest first, with the
+    same entries."""
+    cache, _ = _decode_past_the_budget("streaming_llm", steps=30)
+    layer = cache.layers[0]
+    assert not layer.in_age_order
+    before = _by_age(layer.dense(), 2)
+    loaded = kvtune.load_cache(cache.save(tmp_path / "c.safetensors"), tiny_llama())
+    for saved in (layer, loaded.layers[0]):
+        positions = saved.dense().positions.expand(2, 2, -1)
+        assert saved.in_age_order and bool((positions.diff(dim=-1) > 0).all())
+        for kept, expected in zip(_by_age(saved.dense(), 2), before):
+            assert all(torch.equal(a, b) for a, b in zip(kept[:3], expected[:3]))
+    cache, _ = _decode_past_the_budget("streaming_llm", steps=30)
+    assert cache.layers[0].croppable_tokens() == 12  # the recent window, in order once restored
+    cache.crop(-3)
+    assert cache.get_seq_length() == 67 and bool((cache.layers[0].lengths() == 13).all())
 
 
 def test_ragged_decoding_reads_segments_exactly():

@@ -99,8 +99,10 @@ def test_tova_decode_evicts_the_least_attended_entry(budget=20):
     for b in range(B):
         dropped = min(range(budget), key=lambda i: float(probs[b, i]))  # never the new entry itself
         expected = torch.cat([before[b, :, :dropped], before[b, :, dropped + 1 :], keys[b, :, -1:]], dim=1)
-        for h in range(HKV):  # valid entries only: an eviction may leave a hole until the layer is rebuilt
-            assert torch.equal(after.keys[b, h][after.valid.expand(B, HKV, -1)[b, h]], expected[h])
+        for h in range(HKV):  # the new token took the evicted entry's slot: compared oldest first
+            valid = after.valid.expand(B, HKV, -1)[b, h]
+            oldest_first = after.positions[b, h][valid].argsort()
+            assert torch.equal(after.keys[b, h][valid][oldest_first], expected[h])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2])
@@ -133,7 +135,8 @@ def test_adakv_tova_decode_holds_the_layer_total(budget=24):
             LayerContext(0, 2, layer, ctx.cache, query, view.keys, view.values, view.valid, None, None, D**-0.5)
         )
         assert (layer.lengths().sum(dim=1) == HKV * budget).all()
-        assert torch.equal(layer.dense().keys[:, :, -1], new[:, :, -1])  # the new entry stays
+        after = layer.dense()  # the new entry stays (in a hole an eviction left, or the last slot)
+        assert ((after.keys == new).all(dim=-1) & after.valid.expand(B, HKV, -1)).any(dim=-1).all()
 
 
 def _padded_batch(lengths, seed=0):

@@ -23,6 +23,7 @@ class Policy:
 
     name = "base"
     needs_column_scores = False
+    reads_decode_attention = False  # a decoding step's policy reads its query's attention probabilities
     evicts_during_decoding = False
     released = False  # set when the `kvtune.compress` block that made it exits: caches stop applying it
     sliding_refusal: str | None = None  # why the method cannot run beside sliding layers (None: it can)
@@ -50,9 +51,9 @@ class Policy:
         """Per-sample target of this layer (PyramidKV-style policies override it)."""
         return self.target(lengths)
 
-    def window_size(self, target: torch.Tensor) -> int:
+    def window_size(self, target: torch.Tensor | int) -> int:
         """Observation window, never larger than the smallest budget it must fit in."""
-        return max(1, min(self.window, int(target.min())))
+        return max(1, min(self.window, target if isinstance(target, int) else int(target.min())))
 
     def queries_needed(self) -> int:
         """How many of the last prompt queries the policy reads (what a truncated recording must keep)."""
@@ -119,9 +120,23 @@ def valid_lengths(ctx: LayerContext) -> torch.Tensor:
     return full_valid(ctx).sum(dim=-1)
 
 
-def ranks(valid: torch.Tensor) -> torch.Tensor:
-    """Index of each entry among the valid entries of its head (oldest = 0); garbage where invalid."""
-    return valid.long().cumsum(dim=-1) - 1
+def ranks(valid: torch.Tensor, age: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of each entry among the valid entries of its head (oldest = 0); garbage where invalid.
+
+    ``age`` (the entries' positions, see `age_positions`) ranks by position instead of storage order."""
+    if age is None:
+        return valid.long().cumsum(dim=-1) - 1
+    order = age.long().expand_as(valid).masked_fill(~valid, torch.iinfo(torch.long).max).argsort(dim=-1, stable=True)
+    slots = torch.arange(valid.shape[-1], device=valid.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, slots)
+
+
+def age_positions(ctx: LayerContext) -> torch.Tensor | None:
+    """The entries' positions when the layer's storage order is no longer age order (in-place decode evictions,
+    `kvtune.cache.RaggedLayer.replace`), for the helpers' ``age`` argument; None while storage order is age order."""
+    if ctx.layer.in_age_order:
+        return None
+    return ctx.positions if ctx.positions is not None else ctx.layer.dense().positions
 
 
 def keep_top(scores: torch.Tensor, counts: torch.Tensor) -> Selection:
@@ -136,17 +151,21 @@ def keep_top(scores: torch.Tensor, counts: torch.Tensor) -> Selection:
     return Selection(top.sort(dim=-1).values, counts)
 
 
-def protect_recent(scores: torch.Tensor, valid: torch.Tensor, recent: torch.Tensor | int) -> torch.Tensor:
+def protect_recent(
+    scores: torch.Tensor, valid: torch.Tensor, recent: torch.Tensor | int, age: torch.Tensor | None = None
+) -> torch.Tensor:
     """+inf on the last ``recent`` valid entries of each head (``recent`` may be per sample ``[B]``)."""
-    rank = ranks(valid)
+    rank = ranks(valid, age)
     if isinstance(recent, torch.Tensor):
         recent = recent[:, None, None]
     tail = rank >= valid.sum(dim=-1, keepdim=True) - recent
     return scores.masked_fill(tail & valid, float("inf"))
 
 
-def protect_sinks(scores: torch.Tensor, valid: torch.Tensor, sinks: int) -> torch.Tensor:
-    return scores.masked_fill((ranks(valid) < sinks) & valid, float("inf"))
+def protect_sinks(
+    scores: torch.Tensor, valid: torch.Tensor, sinks: int, age: torch.Tensor | None = None
+) -> torch.Tensor:
+    return scores.masked_fill((ranks(valid, age) < sinks) & valid, float("inf"))
 
 
 def group_reduce(per_query_head: torch.Tensor, group: int, how: str = "mean") -> torch.Tensor:
@@ -195,8 +214,12 @@ def last_query_votes(ctx: LayerContext, window: int, heads: str = "layer") -> to
     """``[B, H_kv, L]``: the attention the last ``window`` queries of this call gave each entry, averaged over them
     and over every query head of the layer (``heads="layer"``: TOVA's score, the same for every KV head) or over each
     KV head's query group (``"group"``). Unlike column sums, every entry of the cache gets the same number of votes,
-    so old entries do not win by having been seen by more queries."""
-    received = window_attention(ctx, min(window, ctx.query.shape[2])).mean(dim=2)  # [B, H, L]
+    so old entries do not win by having been seen by more queries. A single query's probabilities come from attention
+    itself when it computed them (``ctx.column_scores``)."""
+    if ctx.query.shape[2] == 1 and ctx.column_scores is not None:
+        received = ctx.column_scores
+    else:
+        received = window_attention(ctx, min(window, ctx.query.shape[2])).mean(dim=2)  # [B, H, L]
     if heads == "layer":
         return received.mean(dim=1, keepdim=True).expand(-1, ctx.keys.shape[1], -1)
     return group_reduce(received, ctx.group_size)
@@ -221,12 +244,41 @@ def snapkv_scores(
     return scores
 
 
-def window_then_past(scores: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
+def window_then_past(
+    scores: torch.Tensor, valid: torch.Tensor, window: int, age: torch.Tensor | None = None
+) -> torch.Tensor:
     """Invalid entries -inf, the observation window +inf: what every SnapKV-style selection starts from."""
     scores = scores.masked_fill(~valid, float("-inf"))
-    return protect_recent(scores, valid, window)
+    return protect_recent(scores, valid, window, age)
 
 
 def per_head_counts(target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Uniform per-head counts: every head keeps ``target[b]`` entries (or all it has)."""
     return torch.minimum(target[:, None].expand_as(lengths), lengths)
+
+
+# ---- decoding steps in place (`kvtune.cache.RaggedLayer.replace`) --------------------------------------------------
+def steady_decode_length(policy: Policy, ctx: LayerContext) -> int | None:
+    """The decoding steady state: a single query, and a rectangular layer (its own storage, every entry valid) whose
+    heads each hold ``length`` entries, one more than the policy keeps (`Policy.decode_target`). One entry per head
+    then goes, and the new one takes its slot in place. None otherwise (the general selection runs)."""
+    if ctx.query.shape[2] != 1:
+        return None
+    length = ctx.layer.steady_length(ctx.keys)
+    if length is None or length < 2 or (policy.budget is not None and length <= policy.budget):
+        return None
+    return length
+
+
+def newest(positions: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, H_kv, L]`` bool: the ``count`` most recent entries of each head, by position (storage order may not be
+    age order)."""
+    return positions >= positions.topk(count, dim=-1).values[..., -1:]
+
+
+def least_scored_slot(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, H_kv, 1]``: each head's entry of lowest score, the oldest of equal ones (as the storage-order argmin
+    chose while storage order was age order)."""
+    lowest = scores.amin(dim=-1, keepdim=True)
+    later = torch.iinfo(positions.dtype).max
+    return positions.masked_fill(scores != lowest, later).argmin(dim=-1, keepdim=True)

@@ -8,22 +8,35 @@ sums do (a decode step is one query, so its term is the same either way): withou
 cannot tell how many queries an entry has seen over its whole life, so the choice is to accumulate what is exact.
 """
 
+from functools import lru_cache
+
 import torch
 
 from kvtune.attention import LayerContext
 from kvtune.methods.base import (
     Policy,
+    age_positions,
     dense_view,
     evict_to,
     full_valid,
+    group_reduce,
     keep_top,
+    least_scored_slot,
+    newest,
     over_by_one,
     per_head_counts,
     protect_recent,
     received_scores,
+    steady_decode_length,
     valid_lengths,
 )
 from kvtune.methods.registry import register
+
+
+@lru_cache(maxsize=64)
+def _recent_count(target: int, ratio: float) -> int:
+    """`H2O.recent` of one target, as a Python int (a decoding step asks the same question on every layer)."""
+    return int(H2O.recent_window(torch.tensor([target]), ratio))
 
 
 @register("h2o")
@@ -47,13 +60,32 @@ class H2O(Policy):
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
         valid = full_valid(ctx)
         scores = self.accumulated(ctx).masked_fill(~valid, float("-inf"))
-        recent = torch.clamp(torch.round(target.float() * self.recent_ratio).long(), min=1)
-        return keep_top(protect_recent(scores, valid, torch.minimum(recent, target)), per_head_counts(target, lengths))
+        recent = self.recent(target)
+        scores = protect_recent(scores, valid, recent, age_positions(ctx))
+        return keep_top(scores, per_head_counts(target, lengths))
+
+    def recent(self, target: torch.Tensor) -> torch.Tensor:
+        return self.recent_window(target, self.recent_ratio)
+
+    @staticmethod
+    def recent_window(target: torch.Tensor, ratio: float) -> torch.Tensor:
+        """Entries of the recent window, which are always kept: ``ratio`` of the target, at least 1."""
+        return torch.minimum(torch.clamp(torch.round(target.float() * ratio).long(), min=1), target)
 
     def on_prefill(self, ctx: LayerContext) -> None:
         evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)), aux=self.accumulated(ctx))
 
     def on_decode(self, ctx: LayerContext) -> None:
+        length = steady_decode_length(self, ctx)
+        if length is not None and ctx.aux is not None:
+            # Every head one over: the lightest entry outside the recent window goes and the new token takes its
+            # slot; the statistic is accumulated in the layer's own storage.
+            ctx.aux.add_(group_reduce(ctx.column_scores, ctx.group_size, how="sum"))
+            positions = ctx.layer.stored_positions()
+            recent = _recent_count(length - 1, self.recent_ratio)
+            scores = ctx.aux.masked_fill(newest(positions, recent), float("inf"))
+            ctx.layer.replace(least_scored_slot(scores, positions))
+            return
         target = self.decode_target(valid_lengths(ctx))
         aux = self.accumulated(ctx)
         if not over_by_one(ctx, target):
@@ -61,7 +93,6 @@ class H2O(Policy):
             return
         # One over the budget: the lightest entry outside the recent window goes (the first of equal ones).
         valid = full_valid(ctx)
-        recent = torch.minimum(torch.clamp(torch.round(target.float() * self.recent_ratio).long(), min=1), target)
-        scores = protect_recent(aux.masked_fill(~valid, float("inf")), valid, recent)
+        scores = protect_recent(aux.masked_fill(~valid, float("inf")), valid, self.recent(target), age_positions(ctx))
         drop = torch.zeros_like(valid).scatter_(2, scores.argmin(dim=-1, keepdim=True), True)
         ctx.layer.evict(drop, dense_view(ctx, aux))

@@ -60,6 +60,7 @@ class LightTransfer(Policy):
             inner_kwargs["window"] = window
         self.inner = build(inner, budget=budget, ratio=ratio, **inner_kwargs) if inner else None
         self.needs_column_scores = bool(self.inner and self.inner.needs_column_scores)
+        self.reads_decode_attention = bool(self.inner and self.inner.reads_decode_attention)
 
     def queries_needed(self) -> int:
         inner = self.inner.queries_needed() if self.inner is not None else 0

@@ -1,6 +1,8 @@
 """`streaming_llm`: attention sinks plus a recent window (Xiao et al.); the window slides while decoding.
 
 Keys keep their absolute RoPE phase (no position shift), as in Ada-KV's, kvpress's and KVCache-Factory's baseline.
+Once the cache is full, each decoding step writes the new token over the oldest entry after the sinks (in place, a
+ring over the window): entries are then found by position, not by storage order.
 """
 
 import torch
@@ -8,6 +10,7 @@ import torch
 from kvtune.attention import LayerContext
 from kvtune.methods.base import (
     Policy,
+    age_positions,
     dense_view,
     full_valid,
     keep_top,
@@ -16,23 +19,27 @@ from kvtune.methods.base import (
     protect_recent,
     protect_sinks,
     ranks,
+    steady_decode_length,
     valid_lengths,
 )
 from kvtune.methods.registry import register
 
 
-def streaming_scores(valid: torch.Tensor, target: torch.Tensor, sinks: int) -> torch.Tensor:
-    """+inf on the first ``sinks`` and the last ``target - sinks`` valid entries of each head, -inf elsewhere."""
+def streaming_scores(
+    valid: torch.Tensor, target: torch.Tensor, sinks: int, age: torch.Tensor | None = None
+) -> torch.Tensor:
+    """+inf on the first ``sinks`` and the last ``target - sinks`` valid entries of each head, -inf elsewhere
+    (first and last by ``age``, the positions, when given; by storage order otherwise)."""
     sinks_kept = torch.clamp(target, max=sinks)
     scores = torch.full(valid.shape, float("-inf"), device=valid.device)
-    scores = protect_recent(scores, valid, target - sinks_kept)
-    return protect_sinks(scores, valid, sinks)
+    scores = protect_recent(scores, valid, target - sinks_kept, age)
+    return protect_sinks(scores, valid, sinks, age)
 
 
-def streaming_selection(valid: torch.Tensor, target: torch.Tensor, sinks: int):
+def streaming_selection(valid: torch.Tensor, target: torch.Tensor, sinks: int, age: torch.Tensor | None = None):
     """Sinks plus recent entries, ``target[b]`` per head, from a ``[B, H_kv, L]`` validity mask."""
     lengths = valid.sum(dim=-1)
-    return keep_top(streaming_scores(valid, target, sinks), per_head_counts(target, lengths))
+    return keep_top(streaming_scores(valid, target, sinks, age), per_head_counts(target, lengths))
 
 
 @register("streaming_llm")
@@ -44,13 +51,18 @@ class StreamingLLM(Policy):
         self.sinks = sinks
 
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
-        return streaming_selection(full_valid(ctx), target, self.sinks)
+        return streaming_selection(full_valid(ctx), target, self.sinks, age_positions(ctx))
 
     def on_decode(self, ctx: LayerContext) -> None:
         """One token over the budget (every decoding step once full): the oldest entry after the sinks goes."""
+        length = steady_decode_length(self, ctx)
+        if length is not None and length - 1 > self.sinks:  # the new token takes that entry's slot
+            positions = ctx.layer.stored_positions()
+            ctx.layer.replace(positions.topk(self.sinks + 1, dim=-1, largest=False).indices[..., self.sinks :])
+            return
         target = self.decode_target(valid_lengths(ctx))
         if int(target.min()) > self.sinks and over_by_one(ctx, target):
             valid = full_valid(ctx)
-            ctx.layer.evict(valid & (ranks(valid) == self.sinks), dense_view(ctx))
+            ctx.layer.evict(valid & (ranks(valid, age_positions(ctx)) == self.sinks), dense_view(ctx))
         else:
             super().on_decode(ctx)

@@ -24,11 +24,15 @@ from kvtune.attention import LayerContext
 from kvtune.methods.adakv import _AdaKV
 from kvtune.methods.base import (
     Policy,
+    age_positions,
     dense_view,
     full_valid,
     keep_top,
     last_query_votes,
+    least_scored_slot,
+    newest,
     per_head_counts,
+    steady_decode_length,
     valid_lengths,
     window_then_past,
 )
@@ -40,6 +44,7 @@ HEAD_MODES = ("layer", "group")
 @register("tova")
 class TOVA(Policy):
     evicts_during_decoding = True
+    reads_decode_attention = True  # a decoding step's votes are the attention probabilities of its query
 
     def __init__(self, budget=None, ratio=None, window: int = 1, heads: str = "layer") -> None:
         super().__init__(budget, ratio, window)
@@ -50,10 +55,22 @@ class TOVA(Policy):
     def scores(self, ctx: LayerContext, window: int) -> torch.Tensor:
         """``[B, H_kv, L]``: attention of the last ``window`` queries, averaged over them and over the layer's heads
         (or each GQA group); +inf on the voting queries' own entries, -inf on padding."""
-        return window_then_past(last_query_votes(ctx, window, self.heads), full_valid(ctx), window)
+        return window_then_past(last_query_votes(ctx, window, self.heads), full_valid(ctx), window, age_positions(ctx))
 
     def select(self, ctx: LayerContext, lengths: torch.Tensor, target: torch.Tensor):
         return keep_top(self.scores(ctx, self.window_size(target)), per_head_counts(target, lengths))
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        """Once full, the entry the new query attends to least (outside the voting window) goes and the new token
+        takes its slot in place; otherwise the general selection."""
+        length = steady_decode_length(self, ctx)
+        if length is None:
+            super().on_decode(ctx)
+            return
+        window = self.window_size(length - 1)
+        positions = ctx.layer.stored_positions()
+        scores = last_query_votes(ctx, window, self.heads).masked_fill(newest(positions, window), float("inf"))
+        ctx.layer.replace(least_scored_slot(scores, positions))
 
 
 @register("adakv_tova")
@@ -70,10 +87,14 @@ class AdaTOVA(_AdaKV, TOVA):
             return
         scores = self.scores(ctx, self.window_size(lengths.min(dim=1).values))
         droppable = scores.masked_fill(~full_valid(ctx), float("inf"))  # neither padding nor the window
-        counts = lengths.clone()
+        drop = torch.zeros_like(droppable, dtype=torch.bool).flatten(1)
         for b in range(held.shape[0]):
             excess = min(int(held[b] - cap[b]), int(torch.isfinite(droppable[b]).sum()))
             if excess > 0:
-                dropped = droppable[b].flatten().topk(excess, largest=False).indices // scores.shape[-1]
-                counts[b] -= torch.bincount(dropped, minlength=heads)
-        ctx.layer.compact(keep_top(scores, counts), view=dense_view(ctx))
+                drop[b, droppable[b].flatten().topk(excess, largest=False).indices] = True
+        drop = drop.view_as(droppable)
+        if ctx.query.shape[2] == 1 and not (torch.is_grad_enabled() and ctx.keys.requires_grad):
+            ctx.layer.evict_unevenly(drop)  # the layer stays rectangular; the new tokens fill the holes
+        else:
+            counts = lengths - drop.sum(dim=-1)
+            ctx.layer.compact(keep_top(scores, counts), view=dense_view(ctx))

@@ -15,26 +15,43 @@ pytestmark = pytest.mark.slow
 SCORED = ["h2o", "snapkv", "pyramidkv", "adakv_snapkv", "adakv_pyramidkv", "kvmerger", "lighttransfer"]
 
 
+CONTEXT, TARGET, TEXTS, BYTES_TEXT = 3500, 256, 5, 3
+
+
 def _ids(tokenizer, text, n):
     ids = tokenizer(text).input_ids
     assert len(ids) >= n, "text too short"
     return torch.tensor([ids[:n]])
 
 
-def test_cache_bytes_shrink_with_the_budget(embedded):
+def _record(model, tokenizer, index):
+    """A full prefill of stdlib text ``index``'s first CONTEXT tokens, ready for any method; and the TARGET after it."""
+    ids = _ids(tokenizer, stdlib_text(index), CONTEXT + TARGET)
+    context, target = ids[:, :CONTEXT], ids[:, CONTEXT:]
+    return RecordedPrefill(model, context, torch.ones_like(context)), target
+
+
+@pytest.fixture(scope="module")
+def bytes_text(embedded):
+    """Text BYTES_TEXT's recording: one of the perplexity test's five, and the bytes test's replay (one prefill)."""
     model, tokenizer = embedded
-    ids = _ids(tokenizer, stdlib_text(3), 4096)
+    return _record(model, tokenizer, BYTES_TEXT)
+
+
+def test_cache_bytes_shrink_with_the_budget(embedded, bytes_text):
+    model, _ = embedded
+    recorded, _ = bytes_text
+    ids = recorded.input_ids
     mask = torch.ones_like(ids)
-    recorded = RecordedPrefill(model, ids, mask)
     full_bytes = recorded.cache.nbytes()
-    assert full_bytes >= 30 * 2 * 3 * 4096 * 64 * 4  # the uncompressed cache really holds every entry
-    limit = 1.1 * 256 / 4096 * full_bytes
+    assert full_bytes >= 30 * 2 * 3 * CONTEXT * 64 * 4  # the uncompressed cache really holds every entry
+    limit = 1.1 * 256 / CONTEXT * full_bytes
     for method in ("snapkv", "adakv_snapkv"):
         replayed = recorded.compress(method, budget=256)
         assert replayed.nbytes() <= limit, method
     # the live path (compress while prefilling) stores exactly what the replay stores
     with torch.no_grad(), kvtune.compress(model, "adakv_snapkv", budget=256):
-        live = model(ids, use_cache=True).past_key_values
+        live = model(ids, use_cache=True, logits_to_keep=1).past_key_values
     assert live.nbytes() == recorded.compress("adakv_snapkv", budget=256).nbytes() <= limit
     assert len({int(n) for lengths in live.lengths() for n in lengths.flatten()}) > 1  # ragged heads
     chunked = kvtune.new_cache(model, kvtune.methods.build("adakv_snapkv", budget=256))
@@ -52,14 +69,12 @@ def _nll(model, cache, context_logits, target):
     return F.cross_entropy(logits.float(), target[0]).item()
 
 
-def test_perplexity_full_best_and_scored_methods_beat_random(embedded):
+def test_perplexity_full_best_and_scored_methods_beat_random(embedded, bytes_text):
     model, tokenizer = embedded
     methods = ["full", "random", *SCORED]
     nll = {m: [] for m in methods}
-    for index in range(5):
-        ids = _ids(tokenizer, stdlib_text(index), 3500 + 256)
-        context, target = ids[:, :3500], ids[:, 3500:]
-        recorded = RecordedPrefill(model, context, torch.ones_like(context))
+    for index in range(TEXTS):
+        recorded, target = bytes_text if index == BYTES_TEXT else _record(model, tokenizer, index)
         for method in methods:
             cache = recorded.compress(method, budget=None if method == "full" else 512)
             nll[method].append(_nll(model, cache, recorded.logits, target))

@@ -166,7 +166,7 @@ def test_eval_config_rejects_unknown_keys_and_task_options(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_multirun_and_report(tmp_path):
+def test_cli_multirun_and_report(tmp_path, kvtune_cli):
     results, jobs = tmp_path / "results", tmp_path / "jobs"
     command = [
         sys.executable,
@@ -198,10 +198,9 @@ def test_cli_multirun_and_report(tmp_path):
     perplexity = {r["method"]: r for r in rows if r["task"] == "perplexity"}
     assert perplexity["full"]["score"] == pytest.approx(math.exp(perplexity["full"]["answer_nll"]))
     assert perplexity["snapkv"]["kv_bytes"] < perplexity["full"]["kv_bytes"]
-    report = subprocess.run(
-        [sys.executable, "-m", "kvtune.cli", "report", str(results)], check=True, capture_output=True, text=True
-    )
-    assert "perplexity" in report.stdout and (results / "results.png").exists()
+    (results / "results.png").unlink()
+    status, out, _ = kvtune_cli(["report", str(results)])
+    assert status == 0 and "perplexity" in out and (results / "results.png").exists()
     assert all(json.loads(line) for line in (results / "results.jsonl").read_text().splitlines())
 
 

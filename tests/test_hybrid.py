@@ -219,15 +219,10 @@ def test_calibration_scores_a_window_covering_everything_as_fully_lazy():
     assert layer_scores(model, sequences, window=47, sinks=1) == pytest.approx([1.0] * 3)
 
 
-def test_calibrate_cli_refuses_impossible_settings_in_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "kvtune.cli", "calibrate", "window=512", "sequence_length=256"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "must be longer than sinks + window (516)" in result.stderr.strip().splitlines()[-1]
+def test_calibrate_cli_refuses_impossible_settings_in_one_line(kvtune_cli):
+    status, out, err = kvtune_cli(["calibrate", "window=512", "sequence_length=256"])
+    assert status == 2 and "Traceback" not in out + err
+    assert "must be longer than sinks + window (516)" in err.strip().splitlines()[-1]
 
 
 # ---- export to stock transformers ------------------------------------------------------------------------------------
@@ -469,14 +464,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", ["bench", "fit"])
-def test_a_plan_for_another_model_or_no_plan_is_refused_in_one_line_before_loading(tmp_path, command):
+def test_a_plan_for_another_model_or_no_plan_is_refused_in_one_line_before_loading(tmp_path, command, kvtune_cli):
     other = _plan(layers=30, model_id="other").save(tmp_path / "other.json")
     option = {"bench": "hybrid=[{}]", "fit": "lighttransfer.plan={}"}[command]
     extra = ["recipe=lighttransfer_quickstart", f"hydra.run.dir={tmp_path / 'run'}"] if command == "fit" else []
     for path, message in ((other, "calibrated for 'other', not 'embedded'"), (tmp_path / "no.json", "no layer plan")):
-        result = _cli(command, option.format(path), *extra)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert message in result.stderr.strip().splitlines()[-1]
+        status, out, err = kvtune_cli([command, option.format(path), *extra])  # it fails if anything loads
+        assert status == 2 and "Traceback" not in out + err
+        assert message in err.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "adapter").exists()
 
 

@@ -597,10 +597,9 @@ class RaggedLayer(CacheLayerMixin):
         """``[B, H_kv, L]`` positions of a uniform layer's entries, in storage order (a view)."""
         return self._view4(self._positions)[:, :, : self._width]
 
-    def replace(self, slots: torch.Tensor) -> None:
-        """A decoding step's eviction in place: the entry at ``slots[b, h]`` (``[B, H_kv, 1]``, into the dense view
-        of a `steady_length` layer) goes and the newest entry (the last slot) takes its place; the spare slot it
-        leaves is reused by the next token. Nothing is allocated; the per-entry statistic moves with its entry."""
+    def _copy_newest_to(self, slots: torch.Tensor) -> None:
+        """Copies the newest entry (the last slot of the dense view) into ``slots[b, h]`` (``[B, H_kv, 1]``): keys,
+        values, positions and the per-entry statistic alike."""
         last = self._width - 1
         for flat in (self._keys, self._values):
             stored = self._view4(flat)
@@ -609,6 +608,12 @@ class RaggedLayer(CacheLayerMixin):
             if flat is not None:
                 stored = self._view4(flat)
                 stored.scatter_(2, slots, stored[:, :, last : last + 1])
+
+    def replace(self, slots: torch.Tensor) -> None:
+        """A decoding step's eviction in place: the entry at ``slots[b, h]`` (``[B, H_kv, 1]``, into the dense view
+        of a `steady_length` layer) goes and the newest entry (the last slot) takes its place; the spare slot it
+        leaves is reused by the next token. Nothing is allocated; the per-entry statistic moves with its entry."""
+        self._copy_newest_to(slots)
         self._appended -= 1
         self.in_age_order = False
 
@@ -631,13 +636,7 @@ class RaggedLayer(CacheLayerMixin):
         first = holes.to(torch.uint8).argmax(dim=-1, keepdim=True)
         moved = holes.gather(2, first)
         slots = torch.where(moved, first, last)
-        for flat in (self._keys, self._values):
-            stored = self._view4(flat)
-            stored.scatter_(2, slots[..., None].expand(-1, -1, -1, flat.shape[-1]), stored[:, :, last : last + 1])
-        for flat in (self._positions, self._aux):
-            if flat is not None:
-                stored = self._view4(flat)
-                stored.scatter_(2, slots, stored[:, :, last : last + 1])
+        self._copy_newest_to(slots)
         valid[:, :, last:] &= ~moved
         valid.scatter_(2, slots, newcomer)
         self.in_age_order = False

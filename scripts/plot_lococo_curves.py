@@ -50,9 +50,9 @@ def main() -> None:
     for name, points in curves.items():
         if points:
             axis.plot([s for s, _ in points], [p for _, p in points], marker="o", label=name)
-    for spec in args.reference:
+    for spec, style in zip(args.reference, ["--", ":", "-."] * len(args.reference)):
         name, _, value = spec.partition("=")
-        axis.axhline(float(value), linestyle="--", color="grey", label=name)
+        axis.axhline(float(value), linestyle=style, color="grey", label=name)
     axis.set_xlabel("optimiser step")
     axis.set_ylabel(args.ylabel)
     axis.set_title(args.title)

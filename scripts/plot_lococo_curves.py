@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def main() -> None:
     for name, points in curves.items():
         if points:
             axis.plot([s for s, _ in points], [p for _, p in points], marker="o", label=name)
-    for spec, style in zip(args.reference, ["--", ":", "-."] * len(args.reference)):
+    for spec, style in zip(args.reference, itertools.cycle(["--", ":", "-."])):
         name, _, value = spec.partition("=")
         axis.axhline(float(value), linestyle=style, color="grey", label=name)
     axis.set_xlabel("optimiser step")

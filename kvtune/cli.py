@@ -19,9 +19,11 @@ from kvtune.validation import (
     UserError,
     check_budget,
     check_contexts,
+    check_count,
     check_method,
     check_method_args,
     check_model_source,
+    check_objective,
     check_prefill_chunk,
     check_questions,
     check_ratio,
@@ -294,7 +296,12 @@ OVERRIDE_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "methods": lambda names: [check_method(n) for n in names],
         "budgets": lambda budgets: [check_budget(b) for b in budgets],
     },
-    "fit": {"model.name": check_model_source},
+    "fit": {
+        "model.name": check_model_source,
+        "method.objective": check_objective,
+        "method.distill_top_k": check_count("method.distill_top_k"),
+        "optim.bptt_chunks": check_count("optim.bptt_chunks"),
+    },
 }
 
 

@@ -104,6 +104,7 @@ class LoCoCoMethodConfig:
     score_window: int = 0  # 0: rank by column sums of the chunk; W: by the chunk's last W queries (TOVA's score: 1)
     score_heads: str = "layer"  # with score_window: average the votes over the layer's heads, or each KV group
     objective: str = "lm"  # "lm" (next-token CE, the paper's), "distill" (KL to the full-cache model), "distill+lm"
+    distill_top_k: int = 128  # the teacher's top-k log-probs kept per token (plus the rest's mass): flat memory
     buffer: int = 16
     trainable: str = "compressor"  # "+"-joined parts of {compressor, embed_norm, lora}; compressor is required
     lora_r: int = 8  # LoRA on q/k/v/o when trainable includes lora (the paper's extension recipe: r=8, alpha=16)

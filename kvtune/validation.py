@@ -7,6 +7,7 @@ and exits with status 2. The checks need no model, so the CLI runs them before l
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,25 @@ def check_prefill_chunk(chunk: Any) -> None:
             f"prefill_chunk must be None (the whole context in one forward) or at least 2 tokens, got {chunk!r} "
             "(a 1-token forward is a decode step and would not be compressed)"
         )
+
+
+OBJECTIVES = ("lm", "distill", "distill+lm")
+
+
+def check_objective(objective: Any) -> None:
+    """A LoCoCo training objective: next-token loss, distillation from the full cache, or both."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"method.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def check_count(name: str) -> Callable[[Any], None]:
+    """A check that ``name`` is a whole number of at least 1."""
+
+    def check(value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+    return check
 
 
 def check_method_args(

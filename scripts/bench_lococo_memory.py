@@ -6,10 +6,11 @@
 Each configuration runs in its own process and trains one sequence with compressors plus LoRA r=8 (the extension
 recipe's trainable set). It reports the peak (RSS on CPU, the CUDA allocator's peak on GPU) and the peak above what
 the loaded model already held. LoCoCo feeds the sequence chunk by chunk with a backward per chunk, so its peak
-should not grow with the length. ``--objectives distill`` (or ``distill+lm``) adds the full-cache teacher, fed the
-same chunks in lockstep without gradient: its logits exist for one chunk at a time, and what it adds with the length
-is its uncompressed KV cache (the full cache's own bytes, 2 x layers x KV heads x head_dim x 4 bytes per token).
-Full-sequence fine-tuning (the same trainable tensors, one forward and backward
+should not grow with the length. ``--objectives distill`` (or ``distill+lm``) adds the full-cache teacher: one
+no-grad pass over the sequence before the student's chunks keeps its top-k log-probabilities per token and drops its
+uncompressed cache, so the student's chunks run as with ``lm``. That pass is inference with a full cache (2 x layers x
+KV heads x head_dim x 4 bytes per token); a ``teacher_pass`` row measures it alone, so the step's peak can be read as
+the larger of the two. Full-sequence fine-tuning (the same trainable tensors, one forward and backward
 over the whole sequence with full attention) grows with it. Positions beyond the model's trained context use
 linear interpolation (PI). Prints a markdown table and writes it with the raw rows to ``--out`` (``.md``, ``.json``).
 """
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     """Runs in a fresh process: build the model, train one sequence, report the peak.
 
-    ``mode``: ``lococo`` (objective lm), ``lococo_distill``, ``lococo_distill+lm``, or ``full_sequence``.
+    ``mode``: ``lococo`` (objective lm), ``lococo_distill``, ``lococo_distill+lm``, ``teacher_pass`` (the
+    distillation targets alone), or ``full_sequence``.
     """
     import psutil
     import torch
@@ -40,7 +42,7 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
     import kvtune
     from kvtune.eval.corpus import corpus_text
     from kvtune.lococo import LoCoCoConfig
-    from kvtune.train.module import chunked_losses
+    from kvtune.train.module import chunked_losses, teacher_targets
 
     model, tokenizer = kvtune.load_model("embedded")
     factor = max(1.0, length / model.config.max_position_embeddings)
@@ -64,6 +66,9 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
         objective = mode.partition("_")[2] or "lm"
         losses = chunked_losses(model, ids, block_size, backward=torch.Tensor.backward, objective=objective)
         loss = sum(losses) / len(losses)
+    elif mode == "teacher_pass":
+        logprobs, _ = teacher_targets(model, ids, block_size, top_k=128)
+        loss = float(-logprobs[0, :-1, 0].mean())  # no loss here: the column shows the teacher's top-1 NLL
     else:
         logits = model(input_ids=ids, use_cache=False).logits
         loss_tensor = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
@@ -99,7 +104,10 @@ def main() -> None:
         print(json.dumps(one_step(args.one[0], int(args.one[1]), args.mem_size, args.block_size)))
         return
     modes = ["lococo" if o == "lm" else f"lococo_{o}" for o in args.objectives]
-    runs = [(m, n) for m in modes for n in args.lengths] + [("full_sequence", n) for n in args.full_lengths]
+    runs = [(m, n) for m in modes for n in args.lengths]
+    if any("distill" in m for m in modes):
+        runs += [("teacher_pass", n) for n in args.lengths]
+    runs += [("full_sequence", n) for n in args.full_lengths]
     rows = []
     for mode, length in runs:
         command = [sys.executable, __file__, "--one", mode, str(length)]

@@ -42,6 +42,14 @@ CASES = {
     "missing_model_dir": (["generate", "model=/no/such/model", "context=hi"], "no such directory: /no/such/model"),
     "missing_model_dir_eval": (["eval", "model=./no_model_here"], "no such directory: ./no_model_here"),
     "missing_model_dir_fit": (["fit", "model.name=/no/such/model"], "no such directory: /no/such/model"),
+    "fit_objective": (
+        ["fit", "method.objective=kl", "model.name=/no/such/model"],
+        "method.objective must be one of lm, distill, distill+lm, got 'kl'",
+    ),
+    "fit_distill_top_k": (
+        ["fit", "method.distill_top_k=0", "model.name=/no/such/model"],
+        "method.distill_top_k must be a whole number of at least 1, got 0",
+    ),
     "report_not_results": (["report", "{tmp}"], "holds no results.jsonl"),
     "export_not_a_run": (["export", "{tmp}", "{tmp}/out"], "is not a kvtune fit run"),
     "export_missing_dir": (["export", "/no/such/run", "{tmp}/out"], "no such directory: /no/such/run"),

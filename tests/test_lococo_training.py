@@ -4,6 +4,7 @@ truncated backpropagation through several compressions, unbiased attention score
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from conftest import tiny_llama
 from hydra import compose, initialize_config_dir
 from peft import get_peft_model
@@ -15,7 +16,7 @@ from kvtune.methods import build
 from kvtune.methods.base import last_query_votes, received_scores, visible_queries
 from kvtune.train.data import Sequences
 from kvtune.train.fit import build_adapted_model
-from kvtune.train.module import chunked_losses
+from kvtune.train.module import chunked_losses, distillation_loss, teacher_targets
 
 # the shipped recipe at toy sizes: everything that decides whether the conv learns (objective, blend, λ start,
 # initialisation) is the recipe's own
@@ -40,6 +41,31 @@ def test_distillation_loss_is_positive_once_the_memory_is_compressed():
     model = get_peft_model(tiny_llama(layers=2), LoCoCoConfig(mem_size=8, block_size=16, kernel_size=5))
     losses = chunked_losses(model, _ids(), block_size=16, buffer=2, objective="distill")
     assert abs(losses[0]) < 1e-6 and all(x > 1e-4 for x in losses[2:])
+
+
+def test_top_k_distillation_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
+    student, teacher = torch.randn(3, 5, 40), torch.randn(3, 5, 40) * 3
+    full = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    for k in (40, 8, 1):
+        top = teacher.log_softmax(-1).topk(k, dim=-1)
+        loss = distillation_loss(student, top.values, top.indices)
+        # KL over (top k, the rest): the full KL at k = vocabulary, below it otherwise (coarsening loses divergence)
+        assert torch.allclose(loss, full.mean(), atol=1e-5) if k == 40 else 0 < loss < full.mean()
+        assert distillation_loss(teacher, top.values, top.indices).abs() < 1e-6
+
+
+def test_teacher_targets_are_the_uncompressed_models_top_k_in_one_forward():
+    model = get_peft_model(tiny_llama(layers=2), LoCoCoConfig(mem_size=8, block_size=16, kernel_size=5, lora_r=4))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a trained LoRA: the teacher is the base model without it
+            torch.nn.init.normal_(parameter, std=0.5)
+    ids = _ids()
+    with model.disable_adapter(), torch.no_grad():
+        reference = model(input_ids=ids).logits.log_softmax(-1).topk(5, dim=-1)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits.topk(5, dim=-1).indices, reference.indices)
+    logprobs, indices = teacher_targets(model, ids, block_size=16, top_k=5)
+    assert torch.equal(indices, reference.indices) and torch.allclose(logprobs, reference.values, atol=1e-5)
 
 
 def test_the_conv_gets_a_gradient_at_step_one_under_the_shipped_recipe():

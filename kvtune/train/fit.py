@@ -115,6 +115,7 @@ def fit(
         bptt_chunks=cfg.optim.bptt_chunks,
         warmup_steps=cfg.optim.warmup_steps,
         lr_blend=cfg.optim.lr_blend,
+        distill_top_k=cfg.method.distill_top_k,
     )
     trainer, metrics = train_and_save(cfg, output_dir, model, module, data, trainer_kwargs, callbacks)
     if trainer.is_global_zero:

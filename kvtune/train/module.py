@@ -25,6 +25,7 @@ from torch import nn
 from kvtune.api import cache_kwargs, new_cache
 from kvtune.eval.runner import chunked_nll
 from kvtune.methods import build
+from kvtune.validation import check_count, check_objective
 
 
 def parameter_groups(
@@ -51,30 +52,65 @@ def parameter_groups(
     return [{"params": p, "lr": rates[g], "name": g} for g, p in groups.items() if p]
 
 
-OBJECTIVES = ("lm", "distill", "distill+lm")
-
-
 def objective_parts(objective: str) -> set[str]:
     """``"distill+lm"`` -> ``{"distill", "lm"}``, checked."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"method.objective must be one of {OBJECTIVES}, got {objective!r}")
+    check_objective(objective)
     return set(objective.split("+"))
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions (``[..., vocab]`` logits).
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor
+) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) over the teacher's top-k tokens plus one bucket for the rest.
 
-    Tokens the chunk predicts as well from its own text as the full cache does cost nothing: the loss is exactly
-    what the compressed memory loses against the uncompressed one, not the whole language-modelling loss.
+    ``student_logits`` is ``[..., vocab]``; the teacher is its top-k log-probabilities and their token ids
+    (`teacher_targets`). Tokens the chunk predicts as well from its own text as the full cache does cost nothing:
+    the loss is what the compressed memory loses against the uncompressed one. With k covering the vocabulary this
+    is the full KL; with fewer it is the KL between the two distributions coarsened to (top k, everything else),
+    which is zero exactly when the student matches the teacher there.
     """
-    teacher = teacher_logits.float().log_softmax(dim=-1).flatten(0, -2)
-    student = student_logits.float().log_softmax(dim=-1).flatten(0, -2)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    student = student_logits.float().log_softmax(dim=-1).gather(-1, teacher_indices)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(dim=-1)
+    teacher_rest, student_rest = _rest_logprob(teacher_logprobs), _rest_logprob(student)
+    return (kl + teacher_rest.exp() * (teacher_rest - student_rest)).mean()
+
+
+def _rest_logprob(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum of the top-k probabilities): the log-mass of every other token (floored at log 1e-6)."""
+    return torch.log(-torch.expm1(top_logprobs.logsumexp(dim=-1).clamp_max(-1e-6)))
 
 
 def _teacher(model: nn.Module):
     """The frozen base model: PEFT's ``disable_adapter`` (LoRA, saved embeddings/norms off), or the model itself."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def _positions(start: int, piece: torch.Tensor) -> torch.Tensor:
+    """Absolute positions of a chunk that begins at ``start`` (``[B, len]``)."""
+    return torch.arange(start, start + piece.shape[1], device=piece.device)[None].expand(piece.shape[0], -1)
+
+
+def teacher_targets(
+    model: nn.Module, ids: torch.Tensor, block_size: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen base model's top-``top_k`` next-token log-probabilities and token ids at every position of ``ids``.
+
+    One no-grad pass before the student's chunks, chunk by chunk through an uncompressed cache that is dropped when
+    the pass ends. Training then holds only these k values per token (``[B, T, k]`` twice): the full-vocabulary
+    logits of a 16K sequence would be 3 GiB, and a teacher kept in lockstep would hold its growing cache beside
+    the student's graph. The pass itself is inference with a full cache, so it peaks at that cache's bytes.
+    """
+    cache = new_cache(model, None)
+    logprobs, indices = [], []
+    with torch.no_grad(), _teacher(model):
+        for start in range(0, ids.shape[1], block_size):
+            piece = ids[:, start : start + block_size]
+            out = model(input_ids=piece, position_ids=_positions(start, piece), **cache_kwargs(model, cache))
+            top = out.logits.float().log_softmax(dim=-1).topk(min(top_k, out.logits.shape[-1]), dim=-1)
+            logprobs.append(top.values)
+            indices.append(top.indices)
+            del out
+    return torch.cat(logprobs, dim=1), torch.cat(indices, dim=1)
 
 
 def chunked_losses(
@@ -85,13 +121,14 @@ def chunked_losses(
     backward: Callable[[torch.Tensor], None] | None = None,
     objective: str = "lm",
     bptt_chunks: int = 1,
+    distill_top_k: int = 128,
 ) -> list[float]:
     """Feed ``ids`` (``[B, T]``) ``block_size`` tokens at a time through a `lococo` cache; the loss of each chunk.
 
     ``objective``: ``lm`` is next-token cross-entropy inside each chunk (the paper's); ``distill`` is
-    KL(teacher || student) against the frozen base model fed the same chunks through an uncompressed cache, one
-    no-grad teacher chunk per student chunk (its logits exist for one chunk at a time); ``distill+lm`` adds both.
-    The first chunk attends to no memory and has no distillation term.
+    KL(teacher || student) against the frozen base model fed the same sequence through an uncompressed cache
+    (`teacher_targets`, its top ``distill_top_k`` tokens per position, computed before the first chunk);
+    ``distill+lm`` adds both. The first chunk attends to no memory and has no distillation term.
 
     With ``backward``, the summed loss of every ``bptt_chunks`` chunks is handed to it (Lightning's
     ``manual_backward``, DeepSpeed's ``engine.backward``, or ``Tensor.backward``) as soon as they are done, so the
@@ -99,30 +136,26 @@ def chunked_losses(
     does not grow with the sequence. Chunks with no trainable tensor on their path are not backpropagated.
     """
     parts = objective_parts(objective)
-    if bptt_chunks < 1:
-        raise ValueError(f"bptt_chunks must be at least 1, got {bptt_chunks}")
+    check_count("bptt_chunks")(bptt_chunks)
+    check_count("distill_top_k")(distill_top_k)
     truncate = bptt_chunks == 1 or backward is None
+    targets = teacher_targets(model, ids, block_size, distill_top_k) if "distill" in parts else None
     cache = new_cache(model, build("lococo", chunk=block_size, buffer=buffer, truncate=truncate))
-    teacher_cache = new_cache(model, None) if "distill" in parts else None
     losses: list[float] = []
     pending: list[torch.Tensor] = []
     starts = range(0, ids.shape[1], block_size)
     for index, start in enumerate(starts):
         piece = ids[:, start : start + block_size]
-        positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-        out = model(input_ids=piece, position_ids=positions, **cache_kwargs(model, cache), use_cache=True)
+        out = model(
+            input_ids=piece, position_ids=_positions(start, piece), **cache_kwargs(model, cache), use_cache=True
+        )
         logits = out.logits[:, :-1]
         loss = torch.zeros((), device=logits.device)
         if "lm" in parts:
             loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), piece[:, 1:].flatten())
-        if teacher_cache is not None:
-            with torch.no_grad(), _teacher(model):
-                teacher = model(
-                    input_ids=piece, position_ids=positions, **cache_kwargs(model, teacher_cache), use_cache=True
-                ).logits[:, :-1]
-            if index > 0:
-                loss = loss + distillation_loss(logits, teacher)
-            del teacher
+        if targets is not None and index > 0:
+            stop = start + piece.shape[1] - 1
+            loss = loss + distillation_loss(logits, targets[0][:, start:stop], targets[1][:, start:stop])
         losses.append(float(loss.detach()))
         if backward is None:
             continue
@@ -178,6 +211,7 @@ class ChunkedLM(AdapterCheckpoints, LightningModule):
         bptt_chunks: int = 1,
         warmup_steps: int = 0,
         lr_blend: float | None = None,
+        distill_top_k: int = 128,
     ) -> None:
         super().__init__()
         objective_parts(objective)
@@ -185,6 +219,7 @@ class ChunkedLM(AdapterCheckpoints, LightningModule):
         self.rates = (lr_compressor, lr_embed_norm, lr_lora, lr_blend)
         self.accumulate, self.max_steps = accumulate, max_steps
         self.objective, self.bptt_chunks, self.warmup_steps = objective, bptt_chunks, warmup_steps
+        self.distill_top_k = distill_top_k
         self.val_nlls: list[float] = []
         self.automatic_optimization = False
         self.replicated: list[nn.Parameter] = []  # adapters FSDP2 leaves whole (configure_model)
@@ -197,7 +232,16 @@ class ChunkedLM(AdapterCheckpoints, LightningModule):
         """Mean loss per chunk of ``ids`` (``[B, T]``); in training each chunk's loss is backpropagated at once."""
         scale = 1.0 / (math.ceil(ids.shape[1] / self.block_size) * self.accumulate)
         backward = (lambda loss: self.manual_backward(loss * scale)) if train else None
-        return chunked_losses(self.model, ids, self.block_size, self.buffer, backward, self.objective, self.bptt_chunks)
+        return chunked_losses(
+            self.model,
+            ids,
+            self.block_size,
+            self.buffer,
+            backward,
+            self.objective,
+            self.bptt_chunks,
+            self.distill_top_k,
+        )
 
     def configure_model(self) -> None:
         """FSDP2 (``strategy=fsdp2``): shard the frozen base weights per decoder layer; keep the adapters whole.

@@ -5,14 +5,15 @@
 
 Each configuration runs in its own process and trains one sequence with compressors plus LoRA r=8 (the extension
 recipe's trainable set). It reports the peak (RSS on CPU, the CUDA allocator's peak on GPU) and the peak above what
-the loaded model already held. LoCoCo feeds the sequence chunk by chunk with a backward per chunk, so its peak
-should not grow with the length. ``--objectives distill`` (or ``distill+lm``) adds the full-cache teacher: one
-no-grad pass over the sequence before the student's chunks keeps its top-k log-probabilities per token and drops its
-uncompressed cache, so the student's chunks run as with ``lm``. That pass is inference with a full cache (2 x layers x
-KV heads x head_dim x 4 bytes per token); a ``teacher_pass`` row measures it alone, so the step's peak can be read as
-the larger of the two. Full-sequence fine-tuning (the same trainable tensors, one forward and backward
-over the whole sequence with full attention) grows with it. Positions beyond the model's trained context use
-linear interpolation (PI). Prints a markdown table and writes it with the raw rows to ``--out`` (``.md``, ``.json``).
+the loaded model already held (on CPU its weights are paged in first: the snapshot is memory-mapped). LoCoCo feeds
+the sequence chunk by chunk with a backward per chunk, so its peak should not grow with the length.
+``--objectives distill`` (or ``distill+lm``) adds the full-cache teacher: one no-grad pass over the sequence before
+the student's chunks keeps its top-k log-probabilities per token and drops its uncompressed cache, so the student's
+chunks run as with ``lm``. That pass is inference with a full cache (2 x layers x KV heads x head_dim x 4 bytes per
+token); a ``teacher_pass`` row measures it alone, so the step's peak can be read as the larger of the two.
+Full-sequence fine-tuning (the same trainable tensors, one forward and backward over the whole sequence with full
+attention) grows with it. Positions beyond the model's trained context use linear interpolation (PI). Prints a
+markdown table and writes it with the raw rows to ``--out`` (``.md``, ``.json``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def one_step(mode: str, length: int, mem_size: int, block_size: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
+        for parameter in model.parameters():  # page the weights in: the snapshot is memory-mapped, read on first use
+            parameter.detach().sum()
         base = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()
     if mode.startswith("lococo"):

@@ -11,7 +11,10 @@ go into checkpoints.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -90,6 +93,29 @@ def _positions(start: int, piece: torch.Tensor) -> torch.Tensor:
     return torch.arange(start, start + piece.shape[1], device=piece.device)[None].expand(piece.shape[0], -1)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None off glibc: musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's freed pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Called after the teacher's pass and after each backward. The teacher's large frees raise glibc's mmap threshold,
+    so the student's tensors of a few MiB then live in the heap, which keeps their pages after they are freed: the
+    process held ~800 MiB more at 8K tokens than at 4K with the distillation objective, though nothing alive grew.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def teacher_targets(
     model: nn.Module, ids: torch.Tensor, block_size: int, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +136,10 @@ def teacher_targets(
             logprobs.append(top.values)
             indices.append(top.indices)
             del out
-    return torch.cat(logprobs, dim=1), torch.cat(indices, dim=1)
+    targets = torch.cat(logprobs, dim=1), torch.cat(indices, dim=1)
+    del cache, logprobs, indices
+    return_freed_memory()
+    return targets
 
 
 def chunked_losses(
@@ -167,6 +196,7 @@ def chunked_losses(
             if not truncate:  # the graph is spent: the memory continues as a constant
                 for layer in cache.layers:
                     layer.detach()
+            return_freed_memory()
     return losses
 
 

@@ -116,6 +116,21 @@ def return_freed_memory() -> None:
         trim(0)
 
 
+def _reshard(model: nn.Module) -> None:
+    """Return FSDP2-sharded modules to their sharded state after the teacher's no-grad pass.
+
+    Those forwards leave the root's parameters unsharded outside FSDP2's backward bookkeeping; the student's backward
+    then fails to free them ("Trying to resize storage that is not resizable"). Nothing to do without FSDP2.
+    """
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def teacher_targets(
     model: nn.Module, ids: torch.Tensor, block_size: int, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +151,7 @@ def teacher_targets(
             logprobs.append(top.values)
             indices.append(top.indices)
             del out
+    _reshard(model)
     targets = torch.cat(logprobs, dim=1), torch.cat(indices, dim=1)
     del cache, logprobs, indices
     return_freed_memory()

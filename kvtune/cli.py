@@ -14,10 +14,11 @@ from typing import Any, NoReturn
 import hydra
 from omegaconf import OmegaConf
 
-import kvtune.config  # noqa: F401  (registers the structured configs)
+import kvtune.config  # the structured configs: importing registers them with Hydra
 from kvtune.validation import (
     UserError,
     check_budget,
+    check_config_key,
     check_contexts,
     check_count,
     check_method,
@@ -311,11 +312,14 @@ def check_overrides(command: str, overrides: list[str]) -> None:
     from hydra.errors import HydraException
 
     checks = OVERRIDE_CHECKS.get(command, {})
+    groups = {path.name for path in Path(CONF_DIR).iterdir() if path.is_dir()}  # recipe=, trainer=, hydra.*, ...
     try:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if "=" in o and o[0] != "-"])
     except HydraException:
         return  # a malformed override: Hydra itself reports it
     for override in parsed:
+        if override.key_or_group.split(".")[0].split("/")[0] not in groups:
+            check_config_key(SCHEMAS[command], override.key_or_group)
         check = checks.get(override.key_or_group)
         if check is None or override.is_delete():
             continue
@@ -376,6 +380,13 @@ COMMANDS = {  # Hydra-composed
     "bench": run_bench,
     "fit": run_fit,
     "calibrate": run_calibrate,
+}
+SCHEMAS = {  # the structured config each Hydra command's keys are checked against
+    "generate": kvtune.config.GenerateConfig,
+    "eval": kvtune.config.EvalConfig,
+    "bench": kvtune.config.BenchConfig,
+    "fit": kvtune.config.FitConfig,
+    "calibrate": kvtune.config.CalibrateConfig,
 }
 PLAIN_COMMANDS = {"report": run_report, "export": run_export, "push": run_push}  # positional arguments
 

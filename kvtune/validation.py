@@ -6,11 +6,14 @@ and exits with status 2. The checks need no model, so the CLI runs them before l
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import types
 from collections.abc import Callable
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2" or "owner/name"; anything else is a local path
 
@@ -70,6 +73,36 @@ def check_count(name: str) -> Callable[[Any], None]:
             raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
 
     return check
+
+
+def check_config_key(schema: type, key: str) -> None:
+    """A ``key=value`` override names a field of the command's structured config (dotted into nested sections).
+
+    Below a free-form field (a dict, a Lightning strategy or logger config) anything goes: those are checked by
+    whoever reads them. Hydra would refuse an unknown key too, but only after a multi-line report.
+    """
+    node: type | None = schema
+    path: list[str] = []
+    for part in key.split("."):
+        if node is None:
+            return
+        fields = [f.name for f in dataclasses.fields(node)]
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean '{'.'.join([*path, close[0]])}'?" if close else ""
+            where = f" in {'.'.join(path)}" if path else ""
+            raise UserError(f"unknown key '{key}'{hint} (keys{where}: {', '.join(fields)})")
+        node = _section(get_type_hints(node)[part])
+        path.append(part)
+
+
+def _section(annotation: Any) -> type | None:
+    """The dataclass a field holds (``Section | None`` included), or None for a free-form or scalar field."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        return next((arg for arg in get_args(annotation) if dataclasses.is_dataclass(arg)), None)
+    return None
 
 
 def check_method_args(

@@ -50,6 +50,11 @@ CASES = {
         ["fit", "method.distill_top_k=0", "model.name=/no/such/model"],
         "method.distill_top_k must be a whole number of at least 1, got 0",
     ),
+    "unknown_key": (["generate", "prompt=hi"], "unknown key 'prompt' (keys: model, dtype, method,"),
+    "fit_unknown_key": (
+        ["fit", "method.objectiv=lm", "model.name=/no/such/model"],
+        "unknown key 'method.objectiv'; did you mean 'method.objective'? (keys in method: name,",
+    ),
     "report_not_results": (["report", "{tmp}"], "holds no results.jsonl"),
     "export_not_a_run": (["export", "{tmp}", "{tmp}/out"], "is not a kvtune fit run"),
     "export_missing_dir": (["export", "/no/such/run", "{tmp}/out"], "no such directory: /no/such/run"),
@@ -107,6 +112,14 @@ def test_cli_user_error_in_a_fresh_process(case, tmp_path, latin1):
     args, message = _case(case, tmp_path, latin1)
     result = _kvtune(args, HYDRA_FULL_ERROR="0")
     _assert_one_line_status_2(args[0], result.returncode, result.stdout, result.stderr, message)
+
+
+def test_generate_leaves_no_files_in_the_working_folder(kvtune_cli, tmp_path, latin1):
+    # the budget is checked inside the Hydra task, after Hydra has set up its logging (once a stray cli.log)
+    args, message = _case("missing_budget", tmp_path, latin1)
+    before = set(tmp_path.iterdir())
+    _assert_one_line_status_2("generate", *kvtune_cli(args), message)
+    assert set(tmp_path.iterdir()) == before
 
 
 def test_hydra_full_error_still_shows_the_traceback():

@@ -229,7 +229,12 @@ def run_push(argv: list[str]) -> None:
 def run_fit(cfg) -> dict:
     """Train, then print where the adapter went (a ``lighttransfer`` section trains a hybrid instead of LoCoCo)."""
     check_model_source(cfg.model.name)
-    from kvtune.train.fit import fit
+    from kvtune.train.fit import fit, resume_path
+
+    try:  # a run folder with checkpoints is resumed only when asked: say so before the model loads
+        resume_path(Path(cfg.output_dir) / "checkpoints", cfg.ckpt_path)
+    except FileExistsError as error:
+        raise UserError(str(error)) from error
 
     if cfg.lighttransfer is not None:
         from kvtune.hybrid.fit import fit_hybrid

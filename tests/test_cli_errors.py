@@ -122,6 +122,13 @@ def test_generate_leaves_no_files_in_the_working_folder(kvtune_cli, tmp_path, la
     assert set(tmp_path.iterdir()) == before
 
 
+def test_fit_into_a_run_folder_with_checkpoints_says_how_to_resume(kvtune_cli, tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    message = "already holds checkpoints: resume with ckpt_path=last"
+    _assert_one_line_status_2("fit", *kvtune_cli(["fit", f"hydra.run.dir={tmp_path / 'run'}"]), message)
+
+
 def test_hydra_full_error_still_shows_the_traceback():
     # checked inside the Hydra task: the error travels through Hydra's own reporting
     result = _kvtune(["generate", "method=snapkv", "budget=null", "context=hi"], HYDRA_FULL_ERROR="1")

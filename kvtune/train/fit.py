@@ -10,6 +10,7 @@ checkpoints is never trained into afresh by accident: resume it or pick another 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,9 @@ def train_and_save(
     metrics."""
     trainer, ckpt_path = build_trainer(cfg, output_dir, trainer_kwargs, callbacks)
     validate_untrained(trainer, module, data, ckpt_path)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():  # the frozen base model is in eval mode on purpose (no dropout while adapting)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     save_adapter(model, output_dir / "adapter", trainer.is_global_zero, gather=zero_stage_3(trainer.strategy))
     return trainer, metrics

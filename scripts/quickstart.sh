@@ -4,7 +4,7 @@
 # cache size (128 entries per layer and KV head) on held-out 4K-token chunked perplexity and passkey retrieval. Every
 # method sees the prompt in chunks of 512 tokens, compressed between chunks, as LoCoCo does. Ends with the verdict:
 # how much of the gap between the best training-free method (the lowest perplexity of them all) and the full cache
-# training closed.
+# training closed, and what compression costs against the full cache with the same trained LoRA (a control row).
 #   scripts/quickstart.sh                               # into outputs/quickstart
 #   SAMPLES=2 scripts/quickstart.sh                     # quicker evaluation
 #   FIT_ARGS="trainer.max_steps=2" SAMPLES=1 scripts/quickstart.sh     # a smoke run of the whole pipeline
@@ -23,14 +23,17 @@ else
 fi
 # the same adapter before any step (the recipe's initialisation, same seed): what training adds
 $BIN/kvtune fit "${FIT[@]}" trainer.max_steps=0 hydra.run.dir="$OUT/untrained"
-EVAL=(task=perplexity,passkey budget=128 context_length=4096 samples="$SAMPLES" results_dir="$OUT/eval")
+EVAL=(budget=128 context_length=4096 samples="$SAMPLES" results_dir="$OUT/eval")
 for adapter in trained untrained; do
-  $BIN/kvtune eval "${EVAL[@]}" method=lococo adapter="$OUT/$adapter/adapter" label="lococo_$adapter" \
-    hydra.sweep.dir="$OUT/sweeps/$adapter" -m
+  $BIN/kvtune eval "${EVAL[@]}" task=perplexity,passkey method=lococo adapter="$OUT/$adapter/adapter" \
+    label="lococo_$adapter" hydra.sweep.dir="$OUT/sweeps/$adapter" -m
 done
-$BIN/kvtune eval "${EVAL[@]}" method=full hydra.sweep.dir="$OUT/sweeps/full" -m
+$BIN/kvtune eval "${EVAL[@]}" task=perplexity,passkey method=full hydra.sweep.dir="$OUT/sweeps/full" -m
+# control: the trained LoRA with the full cache, i.e. what training changed in the model itself, apart from compression
+$BIN/kvtune eval "${EVAL[@]}" task=perplexity method=full adapter="$OUT/trained/adapter" label=full_with_trained_lora \
+  hydra.sweep.dir="$OUT/sweeps/control" -m
 # every training-free method issue 11 names, plus tova (the strongest question-agnostic one on passkey)
-$BIN/kvtune eval "${EVAL[@]}" method=h2o,snapkv,adakv_snapkv,streaming_llm,kvmerger,tova \
+$BIN/kvtune eval "${EVAL[@]}" task=perplexity,passkey method=h2o,snapkv,adakv_snapkv,streaming_llm,kvmerger,tova \
   +method_kwargs.prefill_chunk=512 \
   hydra.sweep.dir="$OUT/sweeps/baselines" -m
 rm -rf "$OUT/sweeps" "$OUT"/*/checkpoints   # job logs and training states: the adapters and results stay

@@ -307,7 +307,7 @@ def _plot_best(means: dict[tuple, dict], ratios: list[float], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     tasks = sorted({t for t, _, _ in means})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         full = (means.get((task, "full", 0.0)) or {}).get("answer_nll")
         if full is not None:

@@ -245,7 +245,11 @@ class RaggedLayer(CacheLayerMixin):
         """Write the new tokens into the spare slots of every segment (in place)."""
         new = key_states.shape[2]
         at = self._base_list[0] + self._appended if self._uniform else 0
-        positions = torch.arange(self.seen_tokens, self.seen_tokens + new, dtype=POSITION_DTYPE, device=self.device)
+        positions = (  # a decoding step's one position is a fill, not a tensor to allocate
+            self.seen_tokens
+            if new == 1
+            else torch.arange(self.seen_tokens, self.seen_tokens + new, dtype=POSITION_DTYPE, device=self.device)
+        )
         if self._uniform:
             self._view4(self._keys)[:, :, at : at + new] = key_states
             self._view4(self._values)[:, :, at : at + new] = value_states
@@ -261,7 +265,7 @@ class RaggedLayer(CacheLayerMixin):
                 self._bias[rows, index.view(rows.shape[0], new)] = 0.0
             self._keys.index_copy_(0, index, key_states.flatten(0, 2))
             self._values.index_copy_(0, index, value_states.flatten(0, 2))
-            self._positions[index] = positions.repeat(self.batch * self.heads)
+            self._positions[index] = positions if new == 1 else positions.repeat(self.batch * self.heads)
             if self._valid is not None:
                 self._valid[index] = True
             if self._aux is not None:

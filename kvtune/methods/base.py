@@ -272,8 +272,11 @@ def steady_decode_length(policy: Policy, ctx: LayerContext) -> int | None:
 
 def newest(positions: torch.Tensor, count: int) -> torch.Tensor:
     """``[B, H_kv, L]`` bool: the ``count`` most recent entries of each head, by position (storage order may not be
-    age order)."""
-    return positions >= positions.topk(count, dim=-1).values[..., -1:]
+    age order). A head's positions are distinct, so the threshold is its ``count``-th largest: a selection, not the
+    sort of ``count`` entries that ``topk`` makes (a decoding step asks this on every layer)."""
+    if count == 1:
+        return positions == positions.amax(dim=-1, keepdim=True)
+    return positions >= positions.kthvalue(positions.shape[-1] - count + 1, dim=-1, keepdim=True).values
 
 
 def least_scored_slot(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

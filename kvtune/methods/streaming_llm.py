@@ -58,7 +58,7 @@ class StreamingLLM(Policy):
         length = steady_decode_length(self, ctx)
         if length is not None and length - 1 > self.sinks:  # the new token takes that entry's slot
             positions = ctx.layer.stored_positions()
-            ctx.layer.replace(positions.topk(self.sinks + 1, dim=-1, largest=False).indices[..., self.sinks :])
+            ctx.layer.replace(positions.kthvalue(self.sinks + 1, dim=-1, keepdim=True).indices)
             return
         target = self.decode_target(valid_lengths(ctx))
         if int(target.min()) > self.sinks and over_by_one(ctx, target):

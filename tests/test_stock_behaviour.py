@@ -79,6 +79,17 @@ def test_compress_refuses_a_static_cache_clearly():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, cache_implementation="static")
 
 
+def test_assisted_decoding_is_refused_inside_compress_and_stock_after_it():
+    """Drafts are verified by multi-token forwards, which a compressing cache would compress: transformers refuses
+    a cache it may not crop at will. After `compress`, the model's own assisted decoding is untouched."""
+    model, untouched = tiny_llama(), tiny_llama()
+    ids = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="cropped"), kvtune.compress(model, "snapkv", budget=8):
+        model.generate(ids, **settings)
+    assert torch.equal(model.generate(ids, **settings), untouched.generate(ids, **settings))
+
+
 def test_rectangular_layers_are_bit_identical_to_stock_sdpa():
     """No padding, nothing evicted: kvtune's path makes transformers' own SDPA calls (prefill and decode)."""
     model, stock = tiny_llama(), tiny_llama()

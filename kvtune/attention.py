@@ -385,7 +385,7 @@ def kvtune_attention(
     cache = call.cache
     policy = cache.policy if cache is not None else None
     compressing = policy is not None and q_len > 1 and cache.prefilling
-    acting = compressing or (policy is not None and q_len == 1 and getattr(policy, "acts_on_decode", True))
+    acting = compressing or (policy is not None and q_len == 1 and policy.acts_on_decode_step(call))
     view = None
     if acting:
         view = layer.dense()  # views for uniform layers; a ragged layer is copied once for its policy

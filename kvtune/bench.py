@@ -38,6 +38,8 @@ from kvtune.eval.corpus import corpus_text
 from kvtune.hybrid.attention import hybrid_cache, planned
 from kvtune.hybrid.plan import LayerPlan
 from kvtune.methods import build
+from kvtune.methods.registry import get
+from kvtune.validation import check_decode_interval
 
 HYBRID = "hybrid"
 
@@ -125,8 +127,10 @@ def measure(
     decode_tokens: int,
     prefill_chunk: int | None = None,
     plan: LayerPlan | None = None,
+    decode_interval: int = 1,
 ) -> dict[str, Any]:
-    """One configuration: prefill ``input_ids`` (in chunks of ``prefill_chunk``), then decode greedily.
+    """One configuration: prefill ``input_ids`` (in chunks of ``prefill_chunk``), then decode greedily, evicting
+    every ``decode_interval`` steps (methods that evict while decoding).
 
     ``full`` and ``reference`` run the stock model with a `DynamicCache`; ``hybrid`` the model as ``plan``'s hybrid
     (restored after) with its bounded cache; every other method a compressing `KVCache`.
@@ -135,7 +139,7 @@ def measure(
     if (method == HYBRID) != (plan is not None):
         raise ValueError("a layer plan goes with method 'hybrid', and only with it")
     stock = method in ("full", "reference")
-    policy = None if stock or plan is not None else build(method, budget=budget)
+    policy = None if stock or plan is not None else build(method, budget=budget, decode_interval=decode_interval)
     spent = [0.0]
     if policy is not None:  # instance attributes shadow the class's hooks, which the attention backend looks up
         policy.on_prefill = _timed(policy.on_prefill, spent)
@@ -176,6 +180,7 @@ def measure(
         "context_length": input_ids.shape[1],
         "batch_size": batch,
         "prefill_chunk": prefill_chunk,
+        "decode_interval": decode_interval,
         "prefill_s": prefill_seconds,
         "decode_tok_s": batch * decode_tokens / decode_seconds,
         "kv_bytes": kv_bytes,
@@ -208,14 +213,19 @@ def bench(
     prefill_chunks: list[int | None] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     plans: list[LayerPlan] | None = None,
+    decode_intervals: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Every configuration, with ratios against stock `full` (and decode against the ``budget``-token reference)
     of the same context length and batch size, plus a ``hybrid`` row per layer plan in ``plans``. ``progress``
-    sees each raw row as soon as it is measured."""
+    sees each raw row as soon as it is measured. ``decode_intervals`` adds rows of the methods that evict while
+    decoding, evicting every that many steps (1, every step, is the default)."""
     report = progress or (lambda row: None)
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be at least 1, got {decode_tokens}")
     prefill_chunks = [None] if prefill_chunks is None else list(prefill_chunks)
+    decode_intervals = [1] if decode_intervals is None else list(decode_intervals)
+    for interval in decode_intervals:
+        check_decode_interval(interval)
     if any(chunk is not None and chunk < 1 for chunk in prefill_chunks):
         raise ValueError(f"prefill_chunks must be positive token counts or null, got {prefill_chunks}")
     for length in context_lengths:
@@ -241,13 +251,22 @@ def bench(
             for method in (m for m in methods if m != "full"):
                 for budget in budgets:
                     for chunk in prefill_chunks:
-                        rows.append(measure(model, ids, method, budget, decode_tokens, chunk))
-                        report(rows[-1])
+                        for interval in intervals_of(method, decode_intervals):
+                            rows.append(measure(model, ids, method, budget, decode_tokens, chunk, None, interval))
+                            report(rows[-1])
             for plan in plans:
                 for chunk in prefill_chunks:
                     rows.append(measure(model, ids, HYBRID, None, decode_tokens, chunk, plan=plan))
                     report(rows[-1])
     return with_ratios(rows)
+
+
+def intervals_of(method: str, decode_intervals: list[int]) -> list[int]:
+    """The decode intervals a method's rows are measured at: only 1 for a method that does not evict while
+    decoding (its rows would repeat)."""
+    if get(method.partition("+")[0]).evicts_during_decoding:
+        return decode_intervals
+    return [1] if 1 in decode_intervals else decode_intervals[:1]
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -288,8 +307,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         versus = (
             "" if r["decode_vs_reference"] is None or r["method"] == "reference" else f"{r['decode_vs_reference']:.2f}"
         )
+        interval = r.get("decode_interval", 1)
+        name = r["method"] if interval == 1 else f"{r['method']} (every {interval})"
         lines.append(
-            f"| {r['method']} | {r.get('plan') or r['budget'] or 'all'} | {r['context_length']} | {r['batch_size']} "
+            f"| {name} | {r.get('plan') or r['budget'] or 'all'} | {r['context_length']} | {r['batch_size']} "
             f"| {r['prefill_chunk'] or '-'} | {r['prefill_s']:.2f} ({r['prefill_ratio']:.2f}) "
             f"| {r['decode_tok_s']:.1f} ({r['decode_ratio']:.2f}) | {versus} "
             f"| {r['kv_bytes'] / 2**20:.1f} ({r['kv_ratio']:.3f}) "

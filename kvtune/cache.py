@@ -434,6 +434,13 @@ class RaggedLayer(CacheLayerMixin):
             return self._view4(self._valid)[:, :, : self._width].sum(dim=-1)
         return self.dense().valid.expand(self.batch, self.heads, -1).sum(dim=-1)
 
+    def mean_length(self) -> float:
+        """Entries per segment on average, holes included: a decoding step's cheap look at the layer's size (plain
+        Python numbers, no tensor operation)."""
+        if not self.is_initialized or not self._base_list:
+            return 0.0
+        return sum(self._base_list) / len(self._base_list) + self._appended
+
     def mark_new_valid(self, valid: torch.Tensor) -> None:
         """Record which of the tokens appended last are real (``valid`` is ``[B, new]``), e.g. not left padding."""
         if bool(valid.all()):
@@ -502,15 +509,16 @@ class RaggedLayer(CacheLayerMixin):
             self._bias = bias
         return self._bias
 
-    def compact(self, selection: Selection, view: DenseView | None = None) -> None:
+    def compact(self, selection: Selection, view: DenseView | None = None, lazy: bool = True) -> None:
         """Keep only the selected entries of ``view`` (the current dense view by default); free everything else.
 
         A small eviction of a uniform layer's own entries (a decoding step of H2O or StreamingLLM) only marks the
-        evicted slots invalid; the layer is rebuilt once more than `LAZY_HOLES` (or 1/16) of a segment are holes,
-        so that decoding does not copy the cache per step and the layer never holds more than that slack.
+        evicted slots invalid (unless ``lazy`` is False); the layer is rebuilt once more than `LAZY_HOLES` (or 1/16)
+        of a segment are holes, so that decoding does not copy the cache per step and the layer never holds more
+        than that slack.
         """
         view = view if view is not None else self.dense()
-        if not self._compact_lazily(selection, view):
+        if not (lazy and self._compact_lazily(selection, view)):
             self._rebuild(selection, view)
 
     def _rebuild(self, selection: Selection, view: DenseView) -> None:

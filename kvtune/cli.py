@@ -21,6 +21,7 @@ from kvtune.validation import (
     check_config_key,
     check_contexts,
     check_count,
+    check_decode_interval,
     check_method,
     check_method_args,
     check_model_source,
@@ -157,6 +158,7 @@ def run_bench(cfg) -> list[dict]:
         list(cfg.prefill_chunks),
         progress=keep,
         plans=plans,
+        decode_intervals=list(cfg.decode_intervals),
     )
     Path(cfg.output).write_text(json.dumps(rows, indent=2))
     print(markdown_table(rows))
@@ -301,6 +303,7 @@ OVERRIDE_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "model": check_model_source,
         "methods": lambda names: [check_method(n) for n in names],
         "budgets": lambda budgets: [check_budget(b) for b in budgets],
+        "decode_intervals": lambda intervals: [check_decode_interval(n) for n in intervals],
     },
     "fit": {
         "model.name": check_model_source,

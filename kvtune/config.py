@@ -74,6 +74,7 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     decode_tokens: int = 32
     prefill_chunks: list[int | None] = field(default_factory=lambda: [None])  # null: one-shot prefill
+    decode_intervals: list[int] = field(default_factory=lambda: [1])  # steps per eviction while decoding (1: each)
     hybrid: list[str] = field(default_factory=list)  # LightTransfer layer plans (`kvtune calibrate`): a row each
     output: str = "bench.json"
 

@@ -20,6 +20,14 @@ CASES = {
     "budget_0": (["generate", "method=snapkv", "budget=0", "context=hi"], "budget must be at least 1 entry"),
     "float_budget": (["eval", "method=snapkv", "budget=1.5"], "budget must be a whole number of entries"),
     "bench_budget": (["bench", "budgets=[0]"], "budget must be at least 1 entry"),
+    "bench_decode_interval": (
+        ["bench", "decode_intervals=[1,0]"],
+        "decode_interval must be a whole number of at least",
+    ),
+    "decode_interval_with_ratio": (
+        ["generate", "method=tova", "ratio=0.5", "+method_kwargs.decode_interval=8", "context=hi"],
+        "decode_interval > 1 needs budget=",
+    ),
     "bad_ratio": (["generate", "method=snapkv", "ratio=1.5", "context=hi"], "ratio is the fraction removed"),
     "prefill_chunk_1": (["generate", "prefill_chunk=1", "context=hi"], "prefill_chunk must be None"),
     "prefill_chunk_negative": (["generate", "prefill_chunk=-1", "context=hi"], "at least 2 tokens, got -1"),
@@ -152,6 +160,7 @@ def test_hydra_full_error_raises_checks_made_before_hydra(kvtune_cli):
         (dict(method="snapkv", budget=8, prefill_chunk=-1), "at least 2 tokens, got -1"),
         (dict(method="snapkv", budget=8, prefill_chunk=0), "at least 2 tokens, got 0"),
         (dict(method="snapkv", budget=8, poolin="max"), "method 'snapkv' rejected its options"),
+        (dict(method="tova", budget=8, decode_interval=0), "decode_interval must be a whole number of at least 1"),
     ],
 )
 def test_python_api_raises_the_same_messages(embedded_tokenizer, options, message):

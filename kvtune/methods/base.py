@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kvtune.attention import LayerContext, allowed_mask, softcapped
-from kvtune.cache import DenseView, KVCache, Selection
-from kvtune.validation import UserError, check_budget, check_ratio
+from kvtune.cache import AttentionCall, DenseView, KVCache, RaggedLayer, Selection
+from kvtune.validation import UserError, check_budget, check_decode_interval, check_ratio
 
 
 class Policy:
@@ -25,6 +25,8 @@ class Policy:
     needs_column_scores = False
     reads_decode_attention = False  # a decoding step's policy reads its query's attention probabilities
     evicts_during_decoding = False
+    accumulates_while_decoding = False  # every decoding step feeds the policy's statistic (H2O), evicting or not
+    decode_interval = 1  # decoding steps per eviction (`set_decode_interval`); 1: every step, as the papers do
     released = False  # set when the `kvtune.compress` block that made it exits: caches stop applying it
     sliding_refusal: str | None = None  # why the method cannot run beside sliding layers (None: it can)
 
@@ -65,12 +67,35 @@ class Policy:
         """Whether `on_decode` does anything: attention skips building a context per token otherwise."""
         return self.evicts_during_decoding or type(self).on_decode is not Policy.on_decode
 
+    def acts_on_decode_step(self, call: AttentionCall) -> bool:
+        """Whether this decoding step of ``call``'s layer needs `on_decode`; when not, attention builds no context
+        and computes no probabilities for it (the point of a `decode_interval` above 1)."""
+        if not self.acts_on_decode:
+            return False
+        return not self.evicts_during_decoding or self.accumulates_while_decoding or self.decode_due(call.layer)
+
+    def set_decode_interval(self, interval: int) -> None:
+        """Evict every ``interval`` decoding steps instead of every step (kvpress's ``compression_interval``): the
+        layer grows to ``budget + interval`` entries per head, then the policy cuts it back to ``budget`` in one
+        selection (so it holds at most ``budget + interval - 1`` between steps). The steps in between are plain
+        appends, which is what makes decoding as fast as an uncompressed cache of the budget's size."""
+        check_decode_interval(interval)
+        if interval > 1 and self.budget is None:
+            raise UserError("decode_interval > 1 needs budget= (the size the cache returns to), not ratio=")
+        self.decode_interval = interval
+
+    def decode_due(self, layer: RaggedLayer) -> bool:
+        """Whether a decoding step evicts: every step at interval 1, else once the layer holds ``budget + interval``
+        entries per head on average (Ada-KV's heads differ; their mean is the budget)."""
+        return self.decode_interval == 1 or layer.mean_length() >= self.budget + self.decode_interval
+
     def on_prefill(self, ctx: LayerContext) -> None:
         evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)))
 
     def on_decode(self, ctx: LayerContext) -> None:
-        """Called for every single-token step. Evicting methods keep the cache from growing past its budget."""
-        if self.evicts_during_decoding:
+        """Called for decoding steps (`acts_on_decode_step`). Evicting methods keep the cache from growing past its
+        budget."""
+        if self.evicts_during_decoding and self.decode_due(ctx.layer):
             evict_to(self, ctx, self.decode_target(valid_lengths(ctx)))
 
     def after_prefill(
@@ -80,9 +105,11 @@ class Policy:
         with the model: for methods that score with extra forward passes (`kvzip`). Default: nothing."""
 
     def decode_target(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Size to hold while decoding: the budget, or the current size once it is larger (a question appended
-        after compression stays)."""
-        before = lengths.max(dim=1).values - 1
+        """Size to hold after a decoding step's eviction: the budget, or the size before this step once that is
+        larger (a question appended after compression stays). With a `decode_interval` of N, the size N steps
+        ago: the last N entries' worth goes at once, and a question longer than N is cut back to the budget."""
+        held = lengths.max(dim=1).values
+        before = held - self.decode_interval
         cap = before if self.budget is None else torch.full_like(before, self.budget)
         return torch.maximum(cap, before)
 
@@ -99,7 +126,9 @@ def evict_to(policy: Policy, ctx: LayerContext, target: torch.Tensor, aux: torch
         if aux is not None:
             ctx.layer.set_aux(aux)
         return
-    ctx.layer.compact(policy.select(ctx, lengths, target), view=dense_view(ctx, aux))
+    # Evicting every few steps, the layer is rebuilt without holes: marked holes would make it look full again.
+    lazy = policy.decode_interval == 1
+    ctx.layer.compact(policy.select(ctx, lengths, target), view=dense_view(ctx, aux), lazy=lazy)
 
 
 def over_by_one(ctx: LayerContext, target: torch.Tensor) -> bool:
@@ -261,8 +290,9 @@ def per_head_counts(target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor
 def steady_decode_length(policy: Policy, ctx: LayerContext) -> int | None:
     """The decoding steady state: a single query, and a rectangular layer (its own storage, every entry valid) whose
     heads each hold ``length`` entries, one more than the policy keeps (`Policy.decode_target`). One entry per head
-    then goes, and the new one takes its slot in place. None otherwise (the general selection runs)."""
-    if ctx.query.shape[2] != 1:
+    then goes, and the new one takes its slot in place. None otherwise (the general selection runs), and always
+    with a `Policy.decode_interval` above 1 (its evictions are many entries at once)."""
+    if ctx.query.shape[2] != 1 or policy.decode_interval > 1:
         return None
     length = ctx.layer.steady_length(ctx.keys)
     if length is None or length < 2 or (policy.budget is not None and length <= policy.budget):

@@ -43,6 +43,7 @@ def _recent_count(target: int, ratio: float) -> int:
 class H2O(Policy):
     needs_column_scores = True
     evicts_during_decoding = True
+    accumulates_while_decoding = True
 
     def __init__(
         self, budget=None, ratio=None, window: int = 32, recent_ratio: float = 0.5, normalize: bool = False
@@ -76,6 +77,13 @@ class H2O(Policy):
         evict_to(self, ctx, self.layer_target(ctx, valid_lengths(ctx)), aux=self.accumulated(ctx))
 
     def on_decode(self, ctx: LayerContext) -> None:
+        if self.decode_interval > 1:  # every step adds to the sums; every `decode_interval` steps the lightest go
+            aux = self.accumulated(ctx)
+            if self.decode_due(ctx.layer):
+                evict_to(self, ctx, self.decode_target(valid_lengths(ctx)), aux=aux)
+            else:
+                ctx.layer.set_aux(aux)
+            return
         length = steady_decode_length(self, ctx)
         if length is not None and ctx.aux is not None:
             # Every head one over: the lightest entry outside the recent window goes and the new token takes its

@@ -21,6 +21,7 @@ import heapq
 import torch
 
 from kvtune.attention import LayerContext
+from kvtune.cache import AttentionCall
 from kvtune.hybrid.plan import LayerPlan, PlanMismatchError
 from kvtune.methods.base import Policy, dense_view, evict_to, full_valid, valid_lengths, window_attention
 from kvtune.methods.registry import build, register
@@ -130,6 +131,18 @@ class LightTransfer(Policy):
         view = layer.dense()
         valid = view.valid.expand(view.keys.shape[0], view.keys.shape[1], -1)
         layer.compact(streaming_selection(valid, target, self.streaming.sinks), view)
+
+    def set_decode_interval(self, interval: int) -> None:
+        super().set_decode_interval(interval)
+        for policy in (self.streaming, self.inner):
+            if policy is not None:
+                policy.set_decode_interval(interval)
+
+    def acts_on_decode_step(self, call: AttentionCall) -> bool:
+        """Streamed layers as `streaming_llm` decides; full layers as the inner method does (never without one)."""
+        if call.layer_idx in call.cache.policy_state.get("lazy", set()):
+            return self.streaming.acts_on_decode_step(call)
+        return self.inner is not None and self.inner.acts_on_decode_step(call)
 
     def on_decode(self, ctx: LayerContext) -> None:
         lazy = ctx.cache.policy_state.get("lazy", set())

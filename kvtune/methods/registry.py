@@ -44,12 +44,13 @@ def check_name(method: str) -> None:
         raise UserError(f"'{rest}' cannot run inside '{head}'; composable: {', '.join(available())}")
 
 
-def build(method: str, prefill_chunk: int | None = None, **kwargs):
+def build(method: str, prefill_chunk: int | None = None, decode_interval: int = 1, **kwargs):
     """Instantiate a policy by name. ``a+b`` makes ``a`` route layers and ``b`` compress the layers it keeps.
 
     ``prefill_chunk`` makes any method prefill prompts that many tokens at a time and compress between chunks (as
     `lococo` does with its own chunk), so that methods compare under the same chunking; such a prefill cannot be
-    replayed from a shared full-cache recording.
+    replayed from a shared full-cache recording. ``decode_interval`` makes a method that evicts while decoding
+    evict every that many steps, down to its budget, instead of every step (`Policy.set_decode_interval`).
     """
     check_name(method)
     check_prefill_chunk(prefill_chunk)
@@ -58,6 +59,10 @@ def build(method: str, prefill_chunk: int | None = None, **kwargs):
     policy = cls(inner=rest, **kwargs) if rest else cls(**kwargs)
     if prefill_chunk is not None:
         policy.prefill_chunk, policy.replayable = prefill_chunk, False
+    if decode_interval != 1:
+        if head == "lococo":
+            raise UserError("lococo cycles between mem_size and mem_size + buffer already: set its buffer= instead")
+        policy.set_decode_interval(decode_interval)
     return policy
 
 

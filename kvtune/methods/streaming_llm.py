@@ -54,7 +54,11 @@ class StreamingLLM(Policy):
         return streaming_selection(full_valid(ctx), target, self.sinks, age_positions(ctx))
 
     def on_decode(self, ctx: LayerContext) -> None:
-        """One token over the budget (every decoding step once full): the oldest entry after the sinks goes."""
+        """One token over the budget (every decoding step once full): the oldest entry after the sinks goes. With a
+        `decode_interval`, the general selection runs when due (sinks plus the newest)."""
+        if self.decode_interval > 1:
+            super().on_decode(ctx)
+            return
         length = steady_decode_length(self, ctx)
         if length is not None and length - 1 > self.sinks:  # the new token takes that entry's slot
             positions = ctx.layer.stored_positions()

@@ -62,7 +62,7 @@ class TOVA(Policy):
 
     def on_decode(self, ctx: LayerContext) -> None:
         """Once full, the entry the new query attends to least (outside the voting window) goes and the new token
-        takes its slot in place; otherwise the general selection."""
+        takes its slot in place; otherwise (a `decode_interval` above 1 included) the general selection."""
         length = steady_decode_length(self, ctx)
         if length is None:
             super().on_decode(ctx)
@@ -76,11 +76,13 @@ class TOVA(Policy):
 @register("adakv_tova")
 class AdaTOVA(_AdaKV, TOVA):
     def on_decode(self, ctx: LayerContext) -> None:
-        """Drop the layer's lowest-scoring entries (across its heads) so that it holds no more than before this step,
-        or than its budget when that is larger."""
+        """Drop the layer's lowest-scoring entries (across its heads) so that it holds no more than before this step
+        (before the last `decode_interval` steps), or than its budget when that is larger."""
+        if not self.decode_due(ctx.layer):
+            return
         lengths = valid_lengths(ctx)
         held, heads = lengths.sum(dim=1), lengths.shape[1]
-        cap = held - heads
+        cap = held - heads * self.decode_interval
         if self.budget is not None:
             cap = torch.maximum(cap, torch.full_like(held, heads * self.budget))
         if not bool((held > cap).any()):
@@ -93,8 +95,9 @@ class AdaTOVA(_AdaKV, TOVA):
             if excess > 0:
                 drop[b, droppable[b].flatten().topk(excess, largest=False).indices] = True
         drop = drop.view_as(droppable)
-        if ctx.query.shape[2] == 1 and not (torch.is_grad_enabled() and ctx.keys.requires_grad):
+        in_place = self.decode_interval == 1 and not (torch.is_grad_enabled() and ctx.keys.requires_grad)
+        if ctx.query.shape[2] == 1 and in_place:
             ctx.layer.evict_unevenly(drop)  # the layer stays rectangular; the new tokens fill the holes
         else:
             counts = lengths - drop.sum(dim=-1)
-            ctx.layer.compact(keep_top(scores, counts), view=dense_view(ctx))
+            ctx.layer.compact(keep_top(scores, counts), view=dense_view(ctx), lazy=self.decode_interval == 1)

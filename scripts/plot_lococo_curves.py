@@ -2,10 +2,11 @@
 hybrids' with ``--title`` and ``--ylabel``).
 
     python scripts/plot_lococo_curves.py --out docs/results/lococo_ablation/curves.png NAME=RUN_DIR [NAME=RUN_DIR ...] \
-        [--reference NAME=PPL]
+        [--reference NAME=PPL] [--points EARLIER.json]
 
 Reads each run's CSV log (``RUN_DIR/csv/version_*/metrics.csv``: ``val/ppl`` at step 0 is the untrained
-compressor) and writes the plot plus the points as JSON beside it.
+compressor) and writes the plot plus the points as JSON beside it. ``--points`` adds every curve of such a JSON from an
+earlier plot (runs whose folders are gone), so that a new variant is drawn beside the ones it is compared with.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def validation_curve(run_dir: str | Path) -> list[tuple[int, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
+    parser.add_argument("runs", nargs="*", help="NAME=RUN_DIR")
+    parser.add_argument("--points", action="append", default=[], help="a curves JSON this script wrote earlier")
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="LoCoCo training, 128 slots, embedded SmolLM2")
     parser.add_argument("--ylabel", default="validation perplexity (4K chunked, held out)")
@@ -38,12 +40,16 @@ def main() -> None:
         "--reference", action="append", default=[], help="NAME=PPL: a horizontal line (e.g. the full model's)"
     )
     args = parser.parse_args()
+    if not args.runs and not args.points:
+        parser.error("give at least one NAME=RUN_DIR or --points EARLIER.json")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves = {}
+    for path in args.points:
+        curves.update({name: [tuple(p) for p in points] for name, points in json.loads(Path(path).read_text()).items()})
     for spec in args.runs:
         name, _, folder = spec.partition("=")
         curves[name] = validation_curve(folder)

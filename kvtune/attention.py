@@ -157,6 +157,11 @@ def attend(
         mask = allowed_mask(valid, q_len, window=window, positions=positions)
     else:
         mask = valid[:, :, None, :].expand(-1, -1, q_len, -1)
+    if softcap is None and mask.shape[1] == 1:
+        # One mask for every head (padding, a window): the call transformers' own `sdpa` backend makes, keys repeated
+        # per query head, so that padded batches stay bit-identical to stock whatever the CPU's kernels round.
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
     grouped, keys, values = _grouped(query, keys.shape[1]), keys[:, :, None], values[:, :, None]
     if softcap is None:
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, :, None], scale=scaling)

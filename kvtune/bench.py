@@ -39,7 +39,7 @@ from kvtune.hybrid.attention import hybrid_cache, planned
 from kvtune.hybrid.plan import LayerPlan
 from kvtune.methods import build
 from kvtune.methods.registry import get
-from kvtune.validation import check_decode_interval
+from kvtune.validation import check_count
 
 HYBRID = "hybrid"
 
@@ -225,7 +225,7 @@ def bench(
     prefill_chunks = [None] if prefill_chunks is None else list(prefill_chunks)
     decode_intervals = [1] if decode_intervals is None else list(decode_intervals)
     for interval in decode_intervals:
-        check_decode_interval(interval)
+        check_count("decode_interval")(interval)
     if any(chunk is not None and chunk < 1 for chunk in prefill_chunks):
         raise ValueError(f"prefill_chunks must be positive token counts or null, got {prefill_chunks}")
     for length in context_lengths:
@@ -262,11 +262,9 @@ def bench(
 
 
 def intervals_of(method: str, decode_intervals: list[int]) -> list[int]:
-    """The decode intervals a method's rows are measured at: only 1 for a method that does not evict while
-    decoding (its rows would repeat)."""
-    if get(method.partition("+")[0]).evicts_during_decoding:
-        return decode_intervals
-    return [1] if 1 in decode_intervals else decode_intervals[:1]
+    """The decode intervals a method's rows are measured at: just 1 for a method that does not evict while
+    decoding (the interval changes nothing there)."""
+    return decode_intervals if get(method.partition("+")[0]).evicts_during_decoding else [1]
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,7 +21,6 @@ from kvtune.validation import (
     check_config_key,
     check_contexts,
     check_count,
-    check_decode_interval,
     check_method,
     check_method_args,
     check_model_source,
@@ -303,7 +302,7 @@ OVERRIDE_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "model": check_model_source,
         "methods": lambda names: [check_method(n) for n in names],
         "budgets": lambda budgets: [check_budget(b) for b in budgets],
-        "decode_intervals": lambda intervals: [check_decode_interval(n) for n in intervals],
+        "decode_intervals": lambda intervals: [check_count("decode_interval")(n) for n in intervals],
     },
     "fit": {
         "model.name": check_model_source,

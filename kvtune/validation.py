@@ -56,12 +56,6 @@ def check_prefill_chunk(chunk: Any) -> None:
         )
 
 
-def check_decode_interval(interval: Any) -> None:
-    """Decoding steps per eviction: a whole number of at least 1 (1: every step)."""
-    if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
-        raise UserError(f"decode_interval must be a whole number of at least 1 (1: evict every step), got {interval!r}")
-
-
 OBJECTIVES = ("lm", "distill", "distill+lm")
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kvtune.attention import LayerContext, allowed_mask, softcapped
 from kvtune.cache import AttentionCall, DenseView, KVCache, RaggedLayer, Selection
-from kvtune.validation import UserError, check_budget, check_decode_interval, check_ratio
+from kvtune.validation import UserError, check_budget, check_count, check_ratio
 
 
 class Policy:
@@ -79,7 +79,7 @@ class Policy:
         layer grows to ``budget + interval`` entries per head, then the policy cuts it back to ``budget`` in one
         selection (so it holds at most ``budget + interval - 1`` between steps). The steps in between are plain
         appends, which is what makes decoding as fast as an uncompressed cache of the budget's size."""
-        check_decode_interval(interval)
+        check_count("decode_interval")(interval)
         if interval > 1 and self.budget is None:
             raise UserError("decode_interval > 1 needs budget= (the size the cache returns to), not ratio=")
         self.decode_interval = interval

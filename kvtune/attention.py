@@ -36,7 +36,7 @@ from kvtune.kernels import AttendFn, best_backend
 BACKEND = "kvtune"
 SUPPORTED_BASES = ("sdpa", "eager")
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; the old name goes in 5.40
-RECEIVED_BLOCK_ELEMENTS = 1 << 22  # attention probabilities held at once while received attention is summed
+RECEIVED_BLOCK_ELEMENTS = 1 << 21  # probabilities held at once by the one-pass attention (8 MB: fastest at 2-8K on CPU)
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' layer types kvtune attends over
 UNSUPPORTED_TERMS = ("s_aux", "sinks", "position_bias")  # attention arguments kvtune does not apply: refused
 
@@ -147,6 +147,9 @@ def attend(
             query, keys, values, attn_mask=None, dropout_p=0.0, scale=scaling, is_causal=causal and q_len > 1,
             enable_gqa=group > 1,
         )  # fmt: skip
+    if plain and valid is None:  # a chunk after earlier ones: causal from the bottom right, one [q, L] mask for all
+        mask = torch.ones(q_len, length, dtype=torch.bool, device=query.device).tril(length - q_len)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=group > 1)
     if valid is None:
         valid = torch.ones(query.shape[0], 1, length, dtype=torch.bool, device=query.device)
     if plain and q_len == 1:  # the GQA group's queries as rows against one [B, Hm, 1, L] mask
@@ -182,11 +185,11 @@ def attend_with_received(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention and the attention each key received, summed over the queries (fp32 ``[B, H, L]``).
 
-    A one-shot prefill with no padding on CPU uses two flash-attention passes: the forward pass also returns each
-    query's log-sum-exp ``lse_q``; then, with keys as rows and queries as columns (positions reversed, so that the
-    mask stays causal) and ``-lse_q`` carried in an extra dimension, the second pass's log-sum-exp is
-    ``log sum_q exp(q·k - lse_q)``, the log of what key ``k`` received. Otherwise (soft-capped logits included, which
-    the flash passes cannot cap) the output is `attend`'s and the received attention comes from `_received_causal`.
+    On CPU without autograd both come from one pass (`_causal_probabilities`): each block of queries forms its exact
+    probabilities once, multiplies them with the values and sums them per key. One 8K-token layer of the embedded
+    model then takes 1.5x SDPA's time, where a second flash pass for the statistic took 2.3-2.7x. Under autograd
+    (training) and on a GPU, whose kernels attend faster, the output is `attend`'s and the statistic is computed
+    beside it without a graph.
     """
     q_len, length = query.shape[2], keys.shape[2]
     if q_len == 1:  # a decoding step: the probabilities are the received attention
@@ -198,11 +201,10 @@ def attend_with_received(
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         out = torch.matmul(probs.to(values.dtype), values).view(batch, heads, 1, values.shape[-1])
         return out, probs.view(batch, heads, length)
-    flash = softcap is None and valid is None and q_len == length and query.device.type == "cpu"
-    if flash and not torch.is_grad_enabled():
-        return _attend_and_received_flash(query, keys, values, scaling)
-    out = attend(query, keys, values, valid, scaling, softcap=softcap)
-    return out, _received_causal(query, keys, valid, scaling, softcap)
+    if torch.is_grad_enabled() or query.is_cuda:
+        out = attend(query, keys, values, valid, scaling, softcap=softcap)
+        return out, _received(query, keys, valid, scaling, softcap)
+    return _attend_reducing(query, keys, values, valid, scaling, softcap, reduce="sum")
 
 
 @torch.no_grad()  # the reconstruction pass of `kvzip`: scores only, never part of a training graph
@@ -215,77 +217,83 @@ def attend_with_max_received(
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention and, per KV head, the largest probability any valid query of its GQA group gave each key
-    (fp32 ``[B, H_kv, L]``; padding queries give nothing).
-
-    One pass: each block of queries forms its fp32 probabilities once, takes their maximum per key and multiplies
-    them with the values, so the statistic costs no second attention and at most `RECEIVED_BLOCK_ELEMENTS`
-    probabilities are held at a time. The output is computed in fp32 and returned in the query's dtype.
-    """
-    batch, heads, q_len, dim = query.shape
-    heads_kv, length = keys.shape[1], keys.shape[2]
-    group = heads // heads_kv
-    if valid is None:
-        valid = torch.ones(batch, 1, length, dtype=torch.bool, device=query.device)
-    voting = valid[:, :, -q_len:]  # [B, H_kv or 1, q]: a query votes when it is a real token
-    grouped = _grouped(query, heads_kv).float()
-    keys_t, values_f = keys.float().transpose(2, 3)[:, :, None], values.float()[:, :, None]
-    out = torch.empty(batch, heads_kv, group, q_len, values.shape[-1], dtype=torch.float32, device=query.device)
-    best = torch.zeros(batch, heads_kv, length, dtype=torch.float32, device=query.device)
-    rows = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * length))
-    cols = torch.arange(length, device=query.device)
-    for start in range(0, q_len, rows):
-        stop = min(start + rows, q_len)
-        logits = softcapped(torch.matmul(grouped[:, :, :, start:stop], keys_t).mul_(scaling), softcap)
-        own = torch.arange(start, stop, device=query.device)[:, None] + (length - q_len)  # as `allowed_mask`
-        allowed = (valid[:, :, None, :] & (cols <= own)) | (cols == own)
-        probs = logits.masked_fill_(~allowed[:, :, None], float("-inf")).softmax(dim=-1)
-        out[:, :, :, start:stop] = torch.matmul(probs, values_f)
-        probs.mul_(voting[:, :, None, start:stop, None])
-        best = torch.maximum(best, probs.amax(dim=(2, 3)))
-    return out.flatten(1, 2).to(query.dtype), best
-
-
-def _attend_and_received_flash(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    group = query.shape[1] // keys.shape[1]
-    keys_h = keys.repeat_interleave(group, dim=1)
-    out, lse = flash(query, keys_h, values.repeat_interleave(group, dim=1), 0.0, True, scale=scaling)[:2]
-    rows = torch.cat([keys_h.float() * scaling, keys_h.new_ones(*keys_h.shape[:3], 1, dtype=torch.float32)], dim=-1)
-    del keys_h
-    columns = torch.cat([query.float(), -lse[..., None].float()], dim=-1).flip(2)
-    # the second pass's output is never read: the columns stand in as values (same shape, no extra memory)
-    received_lse = flash(rows.flip(2), columns, columns, 0.0, True, scale=1.0)[1]
-    return out, received_lse.flip(2).exp()
+    (fp32 ``[B, H_kv, L]``; padding queries give nothing), from the same one pass as `attend_with_received`."""
+    return _attend_reducing(query, keys, values, valid, scaling, softcap, reduce="max")
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph
-def _received_causal(
-    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None = None
+def _received(
+    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    received = torch.zeros(*_grouped(query, keys.shape[1]).shape[:3], keys.shape[2], device=query.device)
+    for _, _, probs in _causal_probabilities(query, keys, valid, scaling, softcap):
+        received[..., : probs.shape[-1]] += probs.sum(dim=3)
+    return received.flatten(1, 2)
+
+
+@torch.no_grad()  # outputs for a pass that needs no gradient (prefill, kvzip's reconstruction)
+def _attend_reducing(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    reduce: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output ``[B, H, q, d]`` (the query's dtype) and, from the same probabilities, per key either their
+    sum over the queries (``reduce="sum"``, ``[B, H, L]``) or the largest one a real query of the KV head's group
+    gave (``"max"``, ``[B, H_kv, L]``)."""
+    batch, heads, q_len, _ = query.shape
+    heads_kv, length = keys.shape[1], keys.shape[2]
+    out = torch.empty(batch, heads_kv, heads // heads_kv, q_len, values.shape[-1], device=query.device)
+    if reduce == "sum":
+        stat = torch.zeros(batch, heads_kv, heads // heads_kv, length, device=query.device)
+    else:
+        stat = torch.zeros(batch, heads_kv, length, device=query.device)
+        voting = None if valid is None else valid[:, :, None, -q_len:, None]  # a query votes when it is a real token
+    values_f = values.float()
+    for start, stop, probs in _causal_probabilities(query, keys, valid, scaling, softcap):
+        seen, rows = probs.shape[-1], probs.shape[2] * probs.shape[3]  # the group's queries as rows: no copies
+        out[:, :, :, start:stop] = torch.matmul(probs.view(batch, heads_kv, rows, seen), values_f[:, :, :seen]).view(
+            batch, heads_kv, -1, stop - start, values.shape[-1]
+        )
+        if reduce == "sum":
+            stat[..., :seen] += probs.sum(dim=3)
+            continue
+        if voting is not None:
+            probs.mul_(voting[:, :, :, start:stop])
+        stat[..., :seen] = torch.maximum(stat[..., :seen], probs.amax(dim=(2, 3)))
+    return out.flatten(1, 2).to(query.dtype), stat.flatten(1, 2) if reduce == "sum" else stat
+
+
+def _causal_probabilities(
+    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None
 ):
+    """Exact fp32 causal attention probabilities, one block of queries at a time: yields ``(start, stop, probs)``
+    with ``probs`` ``[B, H_kv, group, stop - start, seen]`` over the keys ``[0, seen)`` the block's queries can see
+    (the rest are in their future). At most `RECEIVED_BLOCK_ELEMENTS` probabilities are held at once, few enough
+    to stay in cache. Masks as `allowed_mask`: valid keys up to the query's own position, and always its own key."""
     batch, heads, q_len, dim = query.shape
     heads_kv, length = keys.shape[1], keys.shape[2]
     group = heads // heads_kv
-    grouped, keys_t = _grouped(query, heads_kv), keys.transpose(2, 3)
-    received = torch.zeros(batch, heads_kv, group, length, dtype=torch.float32, device=query.device)
+    grouped, keys_t = _grouped(query, heads_kv), keys.float().transpose(2, 3).contiguous()  # 1.4x faster products
     rows = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * length))
     offset = length - q_len
     for start in range(0, q_len, rows):
         stop = min(start + rows, q_len)
         count, seen = stop - start, offset + stop  # the block's queries see keys [0, seen)
-        block = grouped[:, :, :, start:stop].reshape(batch, heads_kv, group * count, dim)
-        logits = torch.matmul(block, keys_t[..., :seen]).mul_(scaling).view(batch, heads_kv, group, count, seen)
-        softcapped(logits, softcap)
+        block = grouped[:, :, :, start:stop].float().mul(scaling).reshape(batch, heads_kv, group * count, dim)
+        logits = softcapped(torch.matmul(block, keys_t[..., :seen]).view(batch, heads_kv, group, count, seen), softcap)
         future = torch.ones(count, count, dtype=torch.bool, device=query.device).triu(1)
         if valid is not None:
-            own = torch.eye(count, dtype=torch.bool, device=query.device)
             blocked = (~valid[:, :, None, None, :seen]).expand(-1, -1, 1, count, -1).clone()
-            blocked[..., seen - count :] &= ~own
+            blocked[..., seen - count :] &= ~torch.eye(count, dtype=torch.bool, device=query.device)
             blocked[..., seen - count :] |= future
             logits.masked_fill_(blocked, float("-inf"))
         else:
             logits[..., seen - count :].masked_fill_(future, float("-inf"))
-        received[..., :seen] += torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=3)
-    return received.flatten(1, 2)
+        yield start, stop, torch.softmax(logits, dim=-1, out=logits)
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph

@@ -10,8 +10,9 @@ switch the model's attention implementation for such a forward and restore it af
 what the model computes with any other cache (StaticCache, DynamicCache, none).
 
 `attend` is the one place that attends over a layer (rectangular, masked or causal); `attend_with_received` also
-returns the attention each key received, `attend_with_max_received` the most any one query gave it;
-`attend_segments` reads a ragged layer's segments for single queries. A GPU backend replaces these.
+returns the attention each key received, `attend_with_max_received` the most any one query gave it (both in one
+pass over the exact probabilities, a block of queries at a time, with the output); `attend_segments` reads a
+ragged layer's segments for single queries. A GPU backend replaces these.
 
 Hybrid models: a sliding layer (from the config's ``layer_types``/``sliding_window``, read as transformers'
 DynamicCache reads them: `layer_windows`) attends within its window, by position, and keeps only that window
@@ -187,7 +188,7 @@ def attend_with_received(
 
     On CPU without autograd both come from one pass (`_causal_probabilities`): each block of queries forms its exact
     probabilities once, multiplies them with the values and sums them per key. One 8K-token layer of the embedded
-    model then takes 1.5x SDPA's time, where a second flash pass for the statistic took 2.3-2.7x. Under autograd
+    model then takes 1.5-2.0x SDPA's time, where a second flash pass for the statistic took 2.2-2.7x. Under autograd
     (training) and on a GPU, whose kernels attend faster, the output is `attend`'s and the statistic is computed
     beside it without a graph.
     """
@@ -203,7 +204,7 @@ def attend_with_received(
         return out, probs.view(batch, heads, length)
     if torch.is_grad_enabled() or query.is_cuda:
         out = attend(query, keys, values, valid, scaling, softcap=softcap)
-        return out, _received(query, keys, valid, scaling, softcap)
+        return out, received_attention(query, keys, valid, scaling, softcap)
     return _attend_reducing(query, keys, values, valid, scaling, softcap, reduce="sum")
 
 
@@ -222,9 +223,11 @@ def attend_with_max_received(
 
 
 @torch.no_grad()  # a statistic for selection: never part of a training graph
-def _received(
-    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None
+def received_attention(
+    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None = None
 ) -> torch.Tensor:
+    """Attention each key received from the causal ``query`` (the last q positions; masked as `allowed_mask`),
+    summed over the queries: fp32 ``[B, H, L]``. Without the output: for recordings and under autograd."""
     received = torch.zeros(*_grouped(query, keys.shape[1]).shape[:3], keys.shape[2], device=query.device)
     for _, _, probs in _causal_probabilities(query, keys, valid, scaling, softcap):
         received[..., : probs.shape[-1]] += probs.sum(dim=3)
@@ -294,24 +297,6 @@ def _causal_probabilities(
         else:
             logits[..., seen - count :].masked_fill_(future, float("-inf"))
         yield start, stop, torch.softmax(logits, dim=-1, out=logits)
-
-
-@torch.no_grad()  # a statistic for selection: never part of a training graph
-def received_attention(
-    query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None = None
-) -> torch.Tensor:
-    """Attention each key receives from ``query`` under an explicit ``allowed`` mask ``[B, Hm, q, L]``: ``[B, H, L]``
-    (fp32). For recordings and tests; the attention backend uses `attend_with_received`."""
-    heads_kv, length = keys.shape[1], keys.shape[2]
-    grouped = _grouped(query, heads_kv).float()
-    keys_t = keys[:, :, None].float().transpose(3, 4)
-    received = torch.zeros(*grouped.shape[:3], length, dtype=torch.float32, device=query.device)
-    block = max(1, RECEIVED_BLOCK_ELEMENTS // (query.shape[1] * length))
-    for start in range(0, query.shape[2], block):
-        logits = softcapped(torch.matmul(grouped[:, :, :, start : start + block], keys_t) * scaling, softcap)
-        allowed_block = allowed[:, :, None, start : start + block]
-        received += logits.masked_fill(~allowed_block, float("-inf")).softmax(dim=-1).sum(dim=-2)
-    return received.flatten(1, 2)
 
 
 def attend_segments(

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kvtune.api import check_sliding_layers, new_cache, prefill
-from kvtune.attention import LayerContext, allowed_mask, received_attention
+from kvtune.attention import LayerContext, received_attention
 from kvtune.cache import KVCache
 from kvtune.methods import build
 
@@ -71,8 +71,7 @@ class RecordedPrefill:
         if layer_idx not in self._received:
             view = self.cache.layers[layer_idx].dense()
             query = self.queries[layer_idx]
-            allowed = allowed_mask(view.valid, query.shape[2])
-            self._received[layer_idx] = received_attention(query, view.keys, allowed, self.scaling, self.softcap)
+            self._received[layer_idx] = received_attention(query, view.keys, view.valid, self.scaling, self.softcap)
         return self._received[layer_idx]
 
     def compress(self, method: str, budget: int | None = None, ratio: float | None = None, **kwargs) -> KVCache:

@@ -33,7 +33,7 @@ for part in $PARTS; do
         context_length=3500 samples=10 results_dir=$OUT/passkey_3500 hydra.sweep.dir=$JOBS/passkey_3500 -m ;;
     bench)  # speed and memory at 8K tokens against the stock model and a 512-token reference, in one run
       mkdir -p $OUT/bench_8k
-      $BIN/kvtune bench "methods=[full,random,streaming_llm,h2o,snapkv,adakv_snapkv,pyramidkv,kvmerger,tova,adakv_tova,kvzip,lighttransfer]" \
+      $BIN/kvtune bench "methods=[full,random,streaming_llm,h2o,snapkv,adakv_snapkv,pyramidkv,kvmerger,tova,adakv_tova,lighttransfer,kvzip]" \
         budgets=[512] context_lengths=[8192] batch_sizes=[1] decode_tokens=64 "prefill_chunks=[null,512]" \
         output=$OUT/bench_8k/bench.json ;;
     example)  # the README's multirun example, exactly as printed there (20 samples)

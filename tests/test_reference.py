@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama
 
 import kvtune
-from kvtune.attention import LayerContext, allowed_mask, received_attention
+from kvtune.attention import LayerContext, received_attention
 from kvtune.cache import KVCache
 from kvtune.eval.runner import chunked_nll
 from kvtune.methods import build
@@ -31,7 +31,7 @@ def _context(layer_idx=0, seed=0, cache=None, column_scores=False, n=N):
     layer = cache.layers[layer_idx]
     layer.update(keys, values)
     scaling = D**-0.5
-    received = received_attention(query, keys, allowed_mask(valid, n), scaling) if column_scores else None
+    received = received_attention(query, keys, valid, scaling) if column_scores else None
     return LayerContext(layer_idx, LAYERS, layer, cache, query, keys, values, valid, None, received, scaling)
 
 
@@ -159,7 +159,7 @@ def test_h2o_prefill_and_decode(budget=30):
     keys, values = layer.update(step_k, step_v)
     query = torch.randn(B, H, 1, D)
     view = layer.dense()
-    scores = received_attention(query, keys, allowed_mask(view.valid, 1), ctx.scaling)
+    scores = received_attention(query, keys, view.valid, ctx.scaling)
     dctx = LayerContext(0, LAYERS, layer, ctx.cache, query, keys, values, view.valid, view.aux, scores, ctx.scaling)
     accumulated = dctx.aux + scores.view(B, HKV, G, -1).sum(2)
     keys = keys.clone()  # the layer may evict lazily, in place

@@ -275,8 +275,9 @@ def _causal_probabilities(
 ):
     """Exact fp32 causal attention probabilities, one block of queries at a time: yields ``(start, stop, probs)``
     with ``probs`` ``[B, H_kv, group, stop - start, seen]`` over the keys ``[0, seen)`` the block's queries can see
-    (the rest are in their future). At most `RECEIVED_BLOCK_ELEMENTS` probabilities are held at once, few enough
-    to stay in cache. Masks as `allowed_mask`: valid keys up to the query's own position, and always its own key."""
+    (the rest are in their future). At most `RECEIVED_BLOCK_ELEMENTS` probabilities are held at once, so memory
+    stays bounded whatever the length. Masks as `allowed_mask`: valid keys up to the query's own position, and
+    always its own key."""
     batch, heads, q_len, dim = query.shape
     heads_kv, length = keys.shape[1], keys.shape[2]
     group = heads // heads_kv

@@ -110,6 +110,7 @@ class LoCoCoMethodConfig:
     trainable: str = "compressor"  # "+"-joined parts of {compressor, embed_norm, lora}; compressor is required
     lora_r: int = 8  # LoRA on q/k/v/o when trainable includes lora (the paper's extension recipe: r=8, alpha=16)
     lora_alpha: int = 16
+    lora_layer_modules: list[str] = field(default_factory=list)  # with lora: decoder-layer linears too (mlp.up_proj)
 
 
 @dataclass

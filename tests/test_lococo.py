@@ -169,15 +169,24 @@ def test_local_len_keeps_the_most_recent_entries_verbatim():
         LoCoCoCompressor(head_dim=8, mem_size=12, local_len=7)  # more than the 6 verbatim slots
 
 
-def test_lora_and_embeddings_train_beside_the_compressors_with_the_papers_rates(tmp_path):
+@pytest.mark.parametrize("layer_modules", [[], ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]])
+def test_lora_and_embeddings_train_beside_the_compressors_with_the_papers_rates(tmp_path, layer_modules):
     from kvtune.train.module import parameter_groups
 
     torch.manual_seed(0)
-    config = LoCoCoConfig(mem_size=12, block_size=16, kernel_size=5, lora_r=4, modules_to_save=["embed_tokens"])
+    config = LoCoCoConfig(
+        mem_size=12,
+        block_size=16,
+        kernel_size=5,
+        lora_r=4,
+        lora_layer_modules=layer_modules,
+        modules_to_save=["embed_tokens"],
+    )
     model = get_peft_model(tiny_llama(layers=2), config)
     groups = {g["name"]: g for g in parameter_groups(model, 5e-2, 2.5e-4, 5e-5)}
     assert {name: g["lr"] for name, g in groups.items()} == {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
-    assert len(groups["lora"]["params"]) == 2 * 4 * 2  # A and B on q, k, v, o of both layers
+    # A and B on q, k, v, o (and the MLP's linears named) of both layers
+    assert len(groups["lora"]["params"]) == 2 * (4 + len(layer_modules)) * 2
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -7,8 +7,9 @@ folded into base weights, so there is no merge.
 
 The wrapper changes nothing in the attention computation: it hands its compressor to kvtune's attention backend
 (the ``kvtune_adapter`` keyword), where the `lococo` method (`kvtune.methods.lococo`) compresses the cache with it.
-With ``lora_r > 0`` (the context-extension recipe) the attention's projections also get PEFT's own LoRA layers; they
-are tuner layers too, so one adapter folder saves, loads and trains compressors and LoRA together.
+With ``lora_r > 0`` (the context-extension recipe) the attention's projections also get PEFT's own LoRA layers, and
+so do the decoder layer's other linears named in ``lora_layer_modules`` (e.g. its MLP); they are tuner layers too, so
+one adapter folder saves, loads and trains compressors and LoRA together.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class LoCoCoConfig(PeftConfig):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "projections of each attention module that get LoRA"},
+    )
+    lora_layer_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "linears of the decoder layer outside attention that get LoRA too (e.g. mlp.down_proj)"},
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "base modules trained and saved too (embeddings and norms)"}
@@ -116,25 +121,30 @@ class LoCoCoLayer(nn.Module, BaseTunerLayer):
             score_heads=config.score_heads,
         ).to(device=weight.device, dtype=weight.dtype)
         if config.lora_r > 0:
-            self._add_lora(adapter_name, config)
+            add_lora(self.base_layer, config.lora_target_modules, adapter_name, config.lora_config())
         self.set_adapter(self.active_adapters)
-
-    def _add_lora(self, adapter_name: str, config: LoCoCoConfig) -> None:
-        lora = config.lora_config()
-        for name in config.lora_target_modules:
-            projection = getattr(self.base_layer, name, None)
-            if projection is None:
-                raise ValueError(f"{type(self.base_layer).__name__} has no projection {name!r} to put LoRA on")
-            if isinstance(projection, LoraLayer):
-                projection.update_layer(adapter_name, lora.r, lora_alpha=lora.lora_alpha, config=lora)
-            else:
-                setattr(self.base_layer, name, LoraLinear(projection, adapter_name, lora, lora.r, lora.lora_alpha))
 
     def forward(self, *args, **kwargs):
         active = [name for name in self.active_adapters if name in self.lococo_compressor]
         if self.disable_adapters or not active:
             return self.base_layer(*args, **kwargs)
         return self.base_layer(*args, kvtune_adapter=self.lococo_compressor[active[0]], **kwargs)
+
+
+def add_lora(module: nn.Module, names: list[str], adapter_name: str, lora: LoraConfig) -> None:
+    """PEFT's LoRA on each linear of ``module`` named (dotted paths allowed), or one more adapter on a LoRA layer."""
+    for name in names:
+        try:
+            linear = module.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{type(module).__name__} has no linear {name!r} to put LoRA on") from None
+        if isinstance(linear, LoraLayer):
+            linear.update_layer(adapter_name, lora.r, lora_alpha=lora.lora_alpha, config=lora)
+        else:
+            owner, _, attribute = name.rpartition(".")
+            setattr(
+                module.get_submodule(owner), attribute, LoraLinear(linear, adapter_name, lora, lora.r, lora.lora_alpha)
+            )
 
 
 class LoCoCoModel(BaseTuner):
@@ -147,8 +157,10 @@ class LoCoCoModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key) -> None:
         if isinstance(target, LoCoCoLayer):
             target.update_layer(adapter_name, peft_config)
-            return
-        self._replace_module(parent, target_name, LoCoCoLayer(target, adapter_name, peft_config), target)
+        else:
+            self._replace_module(parent, target_name, LoCoCoLayer(target, adapter_name, peft_config), target)
+        if peft_config.lora_r > 0 and peft_config.lora_layer_modules:  # the parent is the decoder layer
+            add_lora(parent, peft_config.lora_layer_modules, adapter_name, peft_config.lora_config())
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:

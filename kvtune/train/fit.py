@@ -70,6 +70,7 @@ def build_adapted_model(
         position_interpolation=cfg.model.position_interpolation,
         lora_r=method.lora_r if "lora" in parts else 0,
         lora_alpha=method.lora_alpha,
+        lora_layer_modules=list(method.lora_layer_modules),
         modules_to_save=EMBED_NORM_MODULES if "embed_norm" in parts else None,
     )
     return get_peft_model(model, config), tokenizer

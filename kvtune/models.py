@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -52,8 +53,10 @@ def _embedded_snapshot() -> Path:
         config.pop("quantization_config", None)
         type(model.config).from_dict(config).save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        if not snapshot.exists():
+        try:
             partial.rename(snapshot)
+        except OSError:  # another process (a second test worker) finished the same snapshot first
+            shutil.rmtree(partial)
     return snapshot
 
 

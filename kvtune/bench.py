@@ -195,7 +195,8 @@ def plan_label(plan: LayerPlan) -> str:
     return f"{len(plan.lazy_layers)}/{plan.num_layers} layers W={plan.window} sinks={plan.sinks}"
 
 
-def _input_ids(tokenizer: PreTrainedTokenizerBase, length: int, batch: int, device: torch.device) -> torch.Tensor:
+def corpus_input_ids(tokenizer: PreTrainedTokenizerBase, length: int, batch: int, device: torch.device) -> torch.Tensor:
+    """``batch`` rows of ``length`` tokens of the offline corpus, one stretch of text cut in rows."""
     stream = tokenizer(corpus_text(), add_special_tokens=False).input_ids
     if len(stream) < length * batch:
         raise ValueError(f"the corpus holds {len(stream)} tokens; {batch} x {length} were asked for")
@@ -232,7 +233,7 @@ def bench(
         if any(budget > length for budget in budgets):
             raise ValueError(f"budgets {budgets} must not exceed the context length {length}")
     model.eval()
-    warm = _input_ids(tokenizer, 16, 1, model.device)
+    warm = corpus_input_ids(tokenizer, 16, 1, model.device)
     measure(model, warm, "full", None, 2)  # first-call costs (allocator, kernels) stay out of the table
     measure(model, warm, methods[-1] if methods[-1] != "full" else "snapkv", 8, 2)
     plans = list(plans or [])
@@ -242,7 +243,7 @@ def bench(
     rows = []
     for length in context_lengths:
         for batch in batch_sizes:
-            ids = _input_ids(tokenizer, length, batch, model.device)
+            ids = corpus_input_ids(tokenizer, length, batch, model.device)
             rows.append(measure(model, ids, "full", None, decode_tokens))
             report(rows[-1])
             for budget in budgets:

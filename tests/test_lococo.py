@@ -200,3 +200,11 @@ def test_lora_and_embeddings_train_beside_the_compressors_with_the_papers_rates(
             if "lora_B" in name:
                 parameter.zero_()
     assert not torch.allclose(_lococo_nll(model, ids), _lococo_nll(reloaded, ids))  # the reloaded LoRA was used
+
+
+def test_lora_on_a_linear_the_layer_lacks_is_a_user_error():
+    from kvtune.validation import UserError
+
+    config = LoCoCoConfig(mem_size=12, block_size=16, lora_r=4, lora_layer_modules=["mlp.gate"])
+    with pytest.raises(UserError, match="has no linear 'mlp.gate'"):
+        get_peft_model(tiny_llama(layers=2), config)

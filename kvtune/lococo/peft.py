@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from kvtune.lococo.compressor import LoCoCoCompressor
+from kvtune.validation import UserError
 
 PEFT_TYPE = "LOCOCO"
 PREFIX = "lococo_"
@@ -137,7 +138,7 @@ def add_lora(module: nn.Module, names: list[str], adapter_name: str, lora: LoraC
         try:
             linear = module.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{type(module).__name__} has no linear {name!r} to put LoRA on") from None
+            raise UserError(f"{type(module).__name__} has no linear {name!r} to put LoRA on") from None
         if isinstance(linear, LoraLayer):
             linear.update_layer(adapter_name, lora.r, lora_alpha=lora.lora_alpha, config=lora)
         else:

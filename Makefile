@@ -19,7 +19,7 @@ demo: setup
 	BIN=$(BIN) scripts/quickstart.sh
 
 # One pytest worker per core, one thread each (children inherit it): on 2 cores this takes the suite from ~18 to
-# ~11.5 minutes, where two threads per test mostly wait on each other. A single test file: add `-n0`.
+# ~12-14 minutes, where two threads per test mostly wait on each other. A single test file: add `-n0`.
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist worksteal
 

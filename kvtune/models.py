@@ -55,8 +55,10 @@ def _embedded_snapshot() -> Path:
         tokenizer.save_pretrained(partial)
         try:
             partial.rename(snapshot)
-        except OSError:  # another process (a second test worker) finished the same snapshot first
-            shutil.rmtree(partial)
+        except OSError:
+            if not (snapshot / "config.json").is_file():
+                raise
+            shutil.rmtree(partial)  # another process (a second test worker) finished the same snapshot first
     return snapshot
 
 

@@ -195,11 +195,13 @@ def test_lora_and_embeddings_train_beside_the_compressors_with_the_papers_rates(
     ids = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(6))
     reloaded = PeftModel.from_pretrained(tiny_llama(layers=2), tmp_path)
     assert torch.equal(_lococo_nll(model.eval(), ids), _lococo_nll(reloaded.eval(), ids))
-    with torch.no_grad():
-        for name, parameter in reloaded.named_parameters():
-            if "lora_B" in name:
-                parameter.zero_()
-    assert not torch.allclose(_lococo_nll(model, ids), _lococo_nll(reloaded, ids))  # the reloaded LoRA was used
+    # the reloaded LoRA was used: zeroing its B changes the result, the MLP's alone (where there is one), then all
+    for part in (["mlp."] if layer_modules else []) + [""]:
+        with torch.no_grad():
+            for name, parameter in reloaded.named_parameters():
+                if "lora_B" in name and part in name:
+                    parameter.zero_()
+        assert not torch.allclose(_lococo_nll(model, ids), _lococo_nll(reloaded, ids)), part
 
 
 def test_lora_on_a_linear_the_layer_lacks_is_a_user_error():
